@@ -1,0 +1,152 @@
+"""What the four scripts share: default paths, the prompt/answer format, the answer parser, small helpers.
+
+Edit the four path constants below for your server (or set the environment variables named beside them;
+every script's flags override both). Everything else here is the contract between preprocessing, training
+and inference: change the format in one place and all three follow.
+"""
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+# --- Paths a user edits (env var > constant; each script's flag overrides both) ---------------------------
+# The base model: a hub id or a local folder holding config.json, weights and the tokenizer.
+MODEL_PATH = os.environ.get("PMCVQA_MODEL", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
+# The PMC-VQA download: train.csv, test_clean.csv, test.csv (v1) or train_2.csv, test_2.csv (v2).
+PMC_VQA_DIR = os.environ.get("PMCVQA_DATA", "PMC-VQA")
+# Where preprocess_pmc_vqa_for_sft.py writes the tokenized dataset (train.py and inference read it).
+PROCESSED_DIR = os.environ.get("PMCVQA_PROCESSED", "PMC-VQA-Processed")
+# Where train_sft_example.py writes checkpoints, final_model/ and its reports.
+OUTPUT_DIR = os.environ.get("PMCVQA_OUTPUT", "PMC-VQA-SFT-Output")
+
+LETTERS = "ABCD"
+ANSWER_PREFIX = "Answer:"
+log = logging.getLogger("pmcvqa")
+
+
+class UsageError(Exception):
+    """Bad input a user can fix: main() prints its message on one line and exits with status 2."""
+
+
+def run_main(main):
+    """Run a script's main(); turn UsageError into one line on stderr and exit status 2 (no traceback)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# --- The prompt and answer format (DESIGN.md section 3) ---------------------------------------------------
+def format_multiple_choice(options):
+    """Options as the model sees them, one per line: 'A: text'."""
+    return "\n".join(f"{letter}: {text}" for letter, text in zip(LETTERS, options))
+
+
+def format_question(question, options, include_choices=True, add_reasoning=False):
+    """The user turn. DeepSeek advises no system prompt, so every instruction lives here."""
+    parts = [question.strip()]
+    if include_choices:
+        parts.append("Options:\n" + format_multiple_choice(options))
+        final_line = f'"{ANSWER_PREFIX} <letter>. <option text>"'
+    else:
+        final_line = f'"{ANSWER_PREFIX} <answer>"'
+    how = "Think briefly, then give" if add_reasoning else "Give"
+    parts.append(f"{how} your final answer on the last line as {final_line}.")
+    return "\n".join(parts)
+
+
+def build_prompt(tokenizer, user_text):
+    """The exact prompt text for training and inference: the chat template with the generation prompt.
+
+    For DeepSeek-R1 it ends '<｜Assistant｜><think>\\n' and already holds bos, so tokenize it with
+    add_special_tokens=False.
+    """
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True)
+
+
+def prompt_token_ids(tokenizer, question, options, include_choices=True, add_reasoning=False):
+    """Token ids the model is fed for a question: the same ids a training row starts with."""
+    prompt = build_prompt(tokenizer, format_question(question, options, include_choices, add_reasoning))
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def build_rationale(option_text):
+    # PMC-VQA has no reasoning traces; this one sentence keeps the model in its habit of thinking first
+    # and names the finding before the letter, which makes the letter easy to read off the options.
+    return f"The findings point to {option_text.strip()}."
+
+
+def build_completion(letter, option_text, include_choices=True, add_reasoning=False):
+    """What the model learns to write after the prompt (eos is appended as a token, not as text).
+
+    Appended as text, never rendered through the chat template: R1's template keeps only what follows
+    the last '</think>' of an assistant turn and would silently delete the reasoning.
+    """
+    thinking = build_rationale(option_text) if add_reasoning else ""
+    answer = f"{letter}. {option_text}" if include_choices else option_text
+    return f"{thinking}\n</think>\n\n{ANSWER_PREFIX} {answer}"
+
+
+# --- Reading the answer back (DESIGN.md section 4) --------------------------------------------------------
+_FINAL_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*\**\(?([A-D])\)?(?![A-Za-z])", re.I | re.M)
+_BOXED = re.compile(r"\\boxed\{\s*\(?([A-D])\)?\s*\}", re.I)
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*(?:option\s*)?\(?([A-D])\)?(?![A-Za-z])", re.I)
+_LEADING_LETTER = re.compile(r"^\s*\(?([A-D])\)?(?:[.:)]|\s*$|\s)")
+
+
+def _normalise(text):
+    return " ".join(text.replace("\u00a0", " ").split()).casefold().rstrip(".")
+
+
+def parse_answer_letter(text, options):
+    """The answer letter in a model's output, or None (a parse failure: counted, never guessed).
+
+    Looks only after the last '</think>' when there is one, then tries, in order: the fixed final line
+    'Answer: X', '\\boxed{X}', 'answer is X', a lone leading letter, the exact text of one option.
+    """
+    answer_part = text.rsplit("</think>", 1)[-1]
+    final_lines = _FINAL_LINE.findall(answer_part)
+    if final_lines:
+        return final_lines[-1].upper()
+    for pattern in (_BOXED, _ANSWER_IS):
+        found = pattern.findall(answer_part)
+        if found:
+            return found[-1].upper()
+    leading = _LEADING_LETTER.match(answer_part)
+    if leading:
+        return leading.group(1).upper()
+    said = _normalise(re.sub(r"^\s*answer\s*[:：]", "", answer_part.strip(), flags=re.I))
+    matches = [letter for letter, option in zip(LETTERS, options) if _normalise(option) == said]
+    return matches[0] if len(matches) == 1 else None
+
+
+# --- Small helpers ----------------------------------------------------------------------------------------
+def write_json_atomic(path, data):
+    """Pretty-printed JSON written to a temporary name and renamed: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_tokenizer(model_name_or_path, trust_remote_code=False):
+    """The tokenizer, with a clear error when it has no chat template (the prompt format needs one)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UsageError(f"cannot load a tokenizer from {model_name_or_path!r} ({str(err).splitlines()[0]}); "
+                         "pass --model_name_or_path with a local model folder or set MODEL_PATH in common.py")
+    if not tokenizer.chat_template:
+        raise UsageError(f"the tokenizer of {model_name_or_path!r} has no chat template; use a chat model "
+                         "such as deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
+    return tokenizer

@@ -1,0 +1,325 @@
+"""PMC-VQA CSVs (v1 or v2) or a saved HF dataset -> a chat-formatted, tokenized DatasetDict for SFT.
+
+    python preprocess_pmc_vqa_for_sft.py --data_path PMC-VQA --output_dir PMC-VQA-Processed
+    python preprocess_pmc_vqa_for_sft.py --data_path demo_assets/PMC-VQA \\
+        --model_name_or_path demo_assets/tiny-r1-llama --output_dir demo_outputs/processed
+
+Writes <output_dir>/ (train / validation / test, unpadded: input_ids, attention_mask, labels, and readable
+id, question, options, answer_label, figure_path, prompt, completion), examples.json and
+preprocessing_stats.json. Rows whose gold letter is not certain are dropped and counted by reason.
+The output appears only when complete: it is built under a temporary name and renamed at the end.
+"""
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import common
+from common import LETTERS, UsageError
+
+V1_COLUMNS = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
+V2_COLUMNS = ["Figure_path", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer"]
+SPLIT_FILES = {"v1": ("train.csv", {"test_clean": "test_clean.csv", "test": "test.csv"}),
+               "v2": ("train_2.csv", {"test_clean": "test_2.csv", "test": "test_2.csv"})}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", default=common.PMC_VQA_DIR,
+                        help="PMC-VQA folder, one CSV, or a saved HF dataset folder (default: %(default)s)")
+    parser.add_argument("--test_file", choices=["test_clean", "test"], default="test_clean",
+                        help="v1 test set: test_clean.csv, the paper's hand-checked 2k, or test.csv, 50k "
+                             "(default: %(default)s; v2 always uses test_2.csv)")
+    parser.add_argument("--model_name_or_path", default=common.MODEL_PATH,
+                        help="model whose tokenizer and chat template to use (default: %(default)s)")
+    parser.add_argument("--output_dir", default=common.PROCESSED_DIR, help="where to write (default: %(default)s)")
+    parser.add_argument("--max_length", type=int, default=2048,
+                        help="longest prompt+completion in tokens; longer rows are dropped, never cut "
+                             "(default: %(default)s)")
+    parser.add_argument("--include_choices", action="store_true", default=True,
+                        help="show the options A-D in the prompt (default: on)")
+    parser.add_argument("--no_include_choices", dest="include_choices", action="store_false",
+                        help="question only; the completion then states the option text without a letter")
+    parser.add_argument("--add_reasoning", action="store_true",
+                        help="ask the model to think first; the completion opens with a one-line rationale")
+    parser.add_argument("--sample_size", type=int, default=None,
+                        help="keep at most this many rows per split after cleaning (default: all)")
+    parser.add_argument("--val_ratio", type=float, default=0.05,
+                        help="share of train figures held out as validation, grouped by Figure_path so no "
+                             "image is in both (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the validation split (default: %(default)s)")
+    parser.add_argument("--num_proc", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="processes for tokenization (default: %(default)s)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow the tokenizer to run code from its folder (off: only if you trust it)")
+    args = parser.parse_args(argv)
+    if args.sample_size is not None and args.sample_size < 1:
+        raise UsageError(f"--sample_size must be at least 1, got {args.sample_size}")
+    if not 0 <= args.val_ratio < 1:
+        raise UsageError(f"--val_ratio must be in [0, 1), got {args.val_ratio}")
+    if args.max_length < 16 or args.num_proc < 1:
+        raise UsageError("--max_length must be at least 16 and --num_proc at least 1")
+    return args
+
+
+# --- Reading: any source -> pandas frames in one canonical schema -------------------------------------------
+def read_csv(path):
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8")
+    except pd.errors.EmptyDataError:
+        raise UsageError(f"{path} is empty; re-download it from the PMC-VQA dataset")
+    except pd.errors.ParserError as err:
+        raise UsageError(f"{path} is not a valid CSV ({str(err).strip()}); re-download it")
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def detect_schema(frame, source):
+    """'v1' or 'v2', from the header alone (file names lie: people rename them)."""
+    columns = set(frame.columns)
+    if set(V1_COLUMNS) <= columns:
+        return "v1"
+    if set(V2_COLUMNS) <= columns:
+        return "v2"
+    raise UsageError(f"{source}: unknown schema; found columns {sorted(columns)}, expected v1 {V1_COLUMNS} "
+                     f"or v2 {V2_COLUMNS}")
+
+
+def load_sources(data_path, test_file):
+    """{split_name: pandas frame} from a PMC-VQA folder, one CSV, or a saved HF dataset folder."""
+    path = Path(data_path)
+    if not path.exists():
+        raise UsageError(f"--data_path {data_path} does not exist; download PMC-VQA (see README.md) or set "
+                         "PMC_VQA_DIR in common.py")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise UsageError(f"--data_path {data_path} is a file but not a .csv; pass a CSV or the PMC-VQA folder")
+        return {"train": read_csv(path)}
+    if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+        from datasets import load_from_disk
+
+        loaded = load_from_disk(str(path))
+        splits = loaded if hasattr(loaded, "keys") else {"train": loaded}
+        return {name: split.to_pandas().astype(str) for name, split in splits.items()}
+    for version, (train_name, tests) in SPLIT_FILES.items():
+        if (path / train_name).exists():
+            sources = {"train": read_csv(path / train_name)}
+            if (path / tests[test_file]).exists():
+                sources["test"] = read_csv(path / tests[test_file])
+            return sources
+    raise UsageError(f"{data_path} holds neither train.csv (v1) nor train_2.csv (v2) nor a saved dataset; "
+                     "point --data_path at the unzipped PMC-VQA folder")
+
+
+def strip_choice(cells, letter):
+    """' A:Diffuse uptake ' -> ('A', 'Diffuse uptake'); NBSPs and stray spaces go."""
+    cells = cells.str.replace("\u00a0", " ", regex=False).str.strip()
+    parts = cells.str.extract(r"^([A-Da-d])\s*[:.)]\s*(.*)$")
+    prefix = parts[0].str.upper().fillna(letter)      # no prefix at all: the column names the letter
+    text = parts[1].fillna(cells).str.replace(r"\s+", " ", regex=True).str.strip()
+    return prefix, text
+
+
+def canonical_rows(frame, source):
+    """The frame in one schema (question, options A-D, gold letter) plus a drop reason per row ('' = keep).
+
+    Vectorised pandas string operations: the full 177k-row train.csv cleans in about a second.
+    """
+    import pandas as pd
+
+    schema = detect_schema(frame, source)
+    out = pd.DataFrame({"figure_path": frame["Figure_path"].str.strip(),
+                        "question": frame["Question"].str.replace("\u00a0", " ", regex=False).str.strip()})
+    reason = pd.Series("", index=frame.index)
+    for letter in LETTERS:
+        prefix, text = strip_choice(frame[f"Choice {letter}"], letter)
+        out[letter] = text
+        reason = reason.mask((reason == "") & (prefix != letter), "choice_prefix_differs_from_column")
+        reason = reason.mask((reason == "") & (text == ""), "empty_choice")
+    answer = frame["Answer"].str.replace("\u00a0", " ", regex=False).str.strip()
+    if schema == "v1":
+        label = frame["Answer_label"].str.strip().str.upper()
+        reason = reason.mask((reason == "") & answer.str.upper().isin(["", "N/A", "NA", "NONE"]), "missing_answer")
+        reason = reason.mask((reason == "") & ~label.isin(list(LETTERS)), "answer_label_not_a_to_d")
+        norm = lambda s: s.str.replace(r"\s+", " ", regex=True).str.casefold().str.rstrip(".")
+        answer_norm = norm(answer)
+        matches = pd.concat({letter: norm(out[letter]) == answer_norm for letter in LETTERS}, axis=1)
+        labelled = pd.concat([matches[letter] & (label == letter) for letter in LETTERS], axis=1).any(axis=1)
+        reason = reason.mask((reason == "") & ~matches.any(axis=1), "answer_text_matches_no_option")
+        reason = reason.mask((reason == "") & ~labelled, "answer_text_disagrees_with_label")
+    else:
+        label = answer.str.extract(r"^\(?([A-Da-d])\)?\s*(?:[:.)].*)?$")[0].str.upper()
+        reason = reason.mask((reason == "") & label.isna(), "answer_label_not_a_to_d")
+    out["answer_label"] = label.fillna("")
+    options = out[list(LETTERS)]
+    reason = reason.mask((reason == "") & (out["question"] == ""), "empty_question")
+    reason = reason.mask((reason == "") & (options.apply(lambda c: c.str.casefold()).nunique(axis=1) < 4),
+                         "duplicate_option_texts")
+    # Figure paths are joined to an image root by users' code: refuse anything that could leave it.
+    unsafe = out["figure_path"].str.contains(r"(?:^|[\\/])\.\.(?:[\\/]|$)|^[\\/]|^[A-Za-z]:", regex=True)
+    reason = reason.mask((reason == "") & unsafe, "unsafe_figure_path")
+    reason = reason.mask((reason == "") & out.duplicated(["figure_path", "question", *LETTERS, "answer_label"]),
+                         "exact_duplicate")
+    return out, reason
+
+
+def split_validation(train, val_ratio, seed):
+    """Hold out val_ratio of the figures (not rows): questions on one image never straddle the split."""
+    import numpy as np
+
+    figures = train["figure_path"].unique()
+    held_out = set(np.random.default_rng(seed).permutation(figures)[:round(len(figures) * val_ratio)])
+    is_val = train["figure_path"].isin(held_out)
+    return train[~is_val], train[is_val]
+
+
+# --- Formatting and tokenization ------------------------------------------------------------------------------
+def create_conversation(question, options, letter, args):
+    """(user turn, completion text) for one row: the prompt format lives in common.py, shared with inference."""
+    option_text = options[LETTERS.index(letter)]
+    return (common.format_question(question, options, args.include_choices, args.add_reasoning),
+            common.build_completion(letter, option_text, args.include_choices, args.add_reasoning))
+
+
+def tokenize_batch(batch, tokenizer, args):
+    """datasets.map(batched=True) body: render, tokenize once per batch, mask the prompt in labels."""
+    prompts, completions = [], []
+    for question, options, letter in zip(batch["question"], batch["options"], batch["answer_label"]):
+        user, completion = create_conversation(question, options, letter, args)
+        prompts.append(common.build_prompt(tokenizer, user))
+        completions.append(completion)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    input_ids = [p + c + [eos] for p, c in zip(prompt_ids, completion_ids)]
+    # Labels come from the prompt length, never from input_ids != pad: R1's pad may equal eos.
+    labels = [[-100] * len(p) + c + [eos] for p, c in zip(prompt_ids, completion_ids)]
+    return {"prompt": prompts, "completion": completions, "input_ids": input_ids,
+            "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels,
+            "prompt_length": [len(p) for p in prompt_ids], "completion_length": [len(c) + 1 for c in completion_ids]}
+
+
+def to_dataset(frame):
+    from datasets import Dataset
+
+    frame = frame.assign(options=frame[list(LETTERS)].values.tolist()).drop(columns=list(LETTERS))
+    return Dataset.from_pandas(frame, preserve_index=False)
+
+
+def percentiles(values):
+    import numpy as np
+
+    if not len(values):
+        return {}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": int(p50), "p95": int(p95), "p99": int(p99), "max": int(max(values))}
+
+
+def build_splits(sources, args):
+    """Clean every source, carve validation (and test, for a single file); return frames and drop counts."""
+    dropped, frames, rows_read = {}, {}, 0
+    for name, frame in sources.items():
+        rows_read += len(frame)
+        clean, reason = canonical_rows(frame, f"{args.data_path} [{name}]")
+        for why, count in reason[reason != ""].value_counts().items():
+            dropped[why] = dropped.get(why, 0) + int(count)
+        clean = clean[reason == ""]
+        clean.insert(0, "id", [f"{name}-{i}" for i in clean.index])
+        frames[name] = clean
+    if "test" not in frames:
+        frames["train"], frames["test"] = split_validation(frames["train"], args.val_ratio or 0.1, args.seed + 1)
+    if "validation" not in frames:
+        frames["train"], frames["validation"] = split_validation(frames["train"], args.val_ratio, args.seed)
+    if args.sample_size:
+        for name, frame in frames.items():
+            if len(frame) > args.sample_size:
+                dropped["over_sample_size"] = dropped.get("over_sample_size", 0) + len(frame) - args.sample_size
+                frames[name] = frame.sample(n=args.sample_size, random_state=args.seed).sort_index()
+    return frames, dropped, rows_read
+
+
+def tokenize_splits(frames, tokenizer, args, dropped):
+    from datasets import DatasetDict
+
+    splits = DatasetDict()
+    for name, frame in frames.items():
+        dataset = to_dataset(frame).map(
+            tokenize_batch, batched=True, num_proc=args.num_proc if len(frame) >= 2000 else None,
+            fn_kwargs={"tokenizer": tokenizer, "args": args}, desc=f"tokenizing {name}")
+        fits = [n <= args.max_length for n in (p + c for p, c in
+                                                zip(dataset["prompt_length"], dataset["completion_length"]))]
+        too_long = fits.count(False)
+        if too_long:
+            dropped["longer_than_max_length"] = dropped.get("longer_than_max_length", 0) + too_long
+            dataset = dataset.select([i for i, ok in enumerate(fits) if ok])
+        splits[name] = dataset
+    return splits
+
+
+def preprocessing_stats(splits, dropped, rows_read, args):
+    kept = sum(len(split) for split in splits.values())
+    return {
+        "rows_read": rows_read, "rows_kept": kept, "rows_dropped": dict(sorted(dropped.items())),
+        "splits": {name: len(split) for name, split in splits.items()},
+        "token_lengths": {name: {"prompt": percentiles(split["prompt_length"]),
+                                 "completion": percentiles(split["completion_length"])}
+                          for name, split in splits.items()},
+        "answer_distribution": {name: {letter: split["answer_label"].count(letter) for letter in LETTERS}
+                                for name, split in splits.items()},
+        "config": {"data_path": str(args.data_path), "model_name_or_path": args.model_name_or_path,
+                   "max_length": args.max_length, "include_choices": args.include_choices,
+                   "add_reasoning": args.add_reasoning, "val_ratio": args.val_ratio, "seed": args.seed,
+                   "test_file": args.test_file, "sample_size": args.sample_size},
+    }
+
+
+def rendered_examples(split, tokenizer, count=3):
+    """A few rows as the model sees them, with the trained region decoded from the labels."""
+    examples = []
+    for row in split.select(range(min(count, len(split)))):
+        trained = [t for t in row["labels"] if t != -100]
+        examples.append({"id": row["id"], "prompt": row["prompt"], "completion": row["completion"],
+                         "trained_text": tokenizer.decode(trained), "answer_label": row["answer_label"],
+                         "num_tokens": len(row["input_ids"]), "num_trained_tokens": len(trained)})
+    return examples
+
+
+def save_atomically(splits, stats, examples, output_dir):
+    """Write under <output_dir>.incomplete, then swap it in: an interrupted run leaves nothing that looks done."""
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(output_dir.name + ".incomplete")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits.save_to_disk(str(tmp))
+    common.write_json_atomic(tmp / "examples.json", examples)
+    common.write_json_atomic(tmp / "preprocessing_stats.json", stats)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sources = load_sources(args.data_path, args.test_file)
+    tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    frames, dropped, rows_read = build_splits(sources, args)
+    if not len(frames["train"]):
+        raise UsageError(f"no usable training rows in {args.data_path} (dropped: {dropped}); check the file "
+                         "is PMC-VQA and not corrupted")
+    splits = tokenize_splits(frames, tokenizer, args, dropped)
+    stats = preprocessing_stats(splits, dropped, rows_read, args)
+    splits = splits.remove_columns(["prompt_length", "completion_length"])
+    save_atomically(splits, stats, rendered_examples(splits["train"], tokenizer), args.output_dir)
+
+    print(f"read {rows_read} rows, kept {stats['rows_kept']}, dropped {sum(dropped.values())}: {dropped}")
+    print(f"splits: {stats['splits']}")
+    print(f"wrote {args.output_dir}/ (+ examples.json, preprocessing_stats.json)")
+    print(f"next: python train_sft_example.py --data_path {args.output_dir} "
+          f"--model_name_or_path {args.model_name_or_path}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
