@@ -155,7 +155,7 @@ def tokenizer_corpus(data_dir):
     import common
 
     texts = [common.format_question("q", ["a", "b", "c", "d"], c, r) for c in (True, False) for r in (True, False)]
-    texts.append(common.build_completion("A", "x", add_reasoning=True))
+    texts += [common.build_completion("D", list("abcd"), c, r) for c in (True, False) for r in (True, False)]
     for csv_file in sorted(data_dir.glob("*.csv")):
         with open(csv_file, encoding="utf-8") as f:
             texts += [" ".join(row) for row in csv.reader(f)]
@@ -185,21 +185,22 @@ def build_tokenizer(model_dir, data_dir):
 
 # --- Tiny base model ----------------------------------------------------------------------------------------
 def pretraining_texts(data_dir, tokenizer, rng):
-    """Train-split questions with their options (never the answer), and option-lookup passages over
-    random answers, the skill any real base model brings: reading an option's letter off a list."""
+    """What a real base model would have read: the train split's questions in the chat format (never an
+    answer) and a small radiology textbook, the findings and what they suggest. Fine-tuning must then
+    teach the model to connect the two and to answer in the format."""
     import common
 
-    texts, answers = [], [answer for _, answer in FINDINGS]
+    texts = []
     with open(data_dir / "train.csv", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             options = [row[f"Choice {letter}"].strip()[2:] for letter in "ABCD"]
-            texts.append(common.build_prompt(tokenizer, common.format_question(row["Question"], options)))
+            user = common.format_question(row["Question"], options, include_choices=rng.random() < 0.5)
+            texts.append(common.build_prompt(tokenizer, user))
+    textbook = ["{f} on the {m} suggests {a}.", "{a} typically shows {f}.", "A classic sign of {a} is {f}.",
+                "When the {m} shows {f}, think of {a}."]
     for _ in range(len(texts)):
-        options = rng.sample(answers, 4)
-        letter = rng.choice("ABCD")
-        named = options["ABCD".index(letter)]
-        texts.append(f"Options:\n{common.format_multiple_choice(options)}\nThe findings point to {named}.\n"
-                     f"</think>\n\n{common.build_completion(letter, named).split(chr(10))[-1]}")
+        finding, answer = rng.choice(FINDINGS)
+        texts.append(rng.choice(textbook).format(f=finding, a=answer, m=rng.choice(MODALITIES)))
     rng.shuffle(texts)
     return texts
 
@@ -229,7 +230,7 @@ def build_model(model_dir, data_dir, tokenizer, seed, pretrain_epochs):
     model.save_pretrained(model_dir)
 
 
-def build_all(out_dir, seed=0, num_train=3000, pretrain_epochs=2, force=False):
+def build_all(out_dir, seed=0, num_train=3000, pretrain_epochs=1, force=False):
     """Build what is missing (or everything with force); return (data_dir, model_dir)."""
     out_dir = Path(out_dir)
     data_dir, model_dir = out_dir / "PMC-VQA", out_dir / "tiny-r1-llama"

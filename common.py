@@ -79,24 +79,25 @@ def prompt_token_ids(tokenizer, question, options, include_choices=True, add_rea
 
 
 def build_rationale(option_text):
-    # PMC-VQA has no reasoning traces; this one sentence keeps the model in its habit of thinking first
-    # and names the finding before the letter, which makes the letter easy to read off the options.
-    return f"The findings point to {option_text.strip()}."
+    # PMC-VQA has no reasoning traces; this one sentence is what the gold label implies. It keeps the model
+    # in R1's habit of thinking before answering, and it names the answer before the letter is needed.
+    return f"The findings point to {option_text}."
 
 
-def build_completion(letter, option_text, include_choices=True, add_reasoning=False):
+def build_completion(letter, options, include_choices=True, add_reasoning=False):
     """What the model learns to write after the prompt (eos is appended as a token, not as text).
 
     Appended as text, never rendered through the chat template: R1's template keeps only what follows
     the last '</think>' of an assistant turn and would silently delete the reasoning.
     """
-    thinking = build_rationale(option_text) if add_reasoning else ""
-    answer = f"{letter}. {option_text}" if include_choices else option_text
+    text = options[LETTERS.index(letter)]
+    thinking = build_rationale(text) if add_reasoning else ""
+    answer = f"{letter}. {text}" if include_choices else text
     return f"{thinking}\n</think>\n\n{ANSWER_PREFIX} {answer}"
 
 
 # --- Reading the answer back (DESIGN.md section 4) --------------------------------------------------------
-_FINAL_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*\**\(?([A-D])\)?(?![A-Za-z])", re.I | re.M)
+_FINAL_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*\**\s*\(?([A-D])\)?(?![A-Za-z])", re.I | re.M)
 _BOXED = re.compile(r"\\boxed\{\s*\(?([A-D])\)?\s*\}", re.I)
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*(?:option\s*)?\(?([A-D])\)?(?![A-Za-z])", re.I)
 _LEADING_LETTER = re.compile(r"^\s*\(?([A-D])\)?(?:[.:)]|\s*$|\s)")

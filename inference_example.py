@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ DEMO_QUESTIONS = [
 ]
 
 
-def parse_args(argv=None):
+def make_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arg = parser.add_argument
     arg("--model_name_or_path", default=common.MODEL_PATH, help="base model (default: %(default)s)")
@@ -46,11 +47,14 @@ def parse_args(argv=None):
     arg("--output_file", default=None, help="results JSON (default: evaluation_results.json beside the adapter)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--interactive", action="store_true", help="a prompt loop; Ctrl-D or Ctrl-C quits")
-    mode.add_argument("--question", help="ask one question (with --choices for options)")
+    mode.add_argument("--question",
+                      help="ask one question, with --choices for options (default: none; the demo questions)")
     mode.add_argument("--evaluate", action="store_true", help="evaluate on --data_path's --split")
-    arg("--choices", nargs="+", default=None, metavar="X:TEXT", help='options for --question: "A:Liver" "B:Spleen"')
+    arg("--choices", nargs="+", default=None, metavar="X:TEXT",
+        help='options for --question: "A:Liver" "B:Spleen" (default: none, a free-text answer)')
     arg("--num_samples", type=int, default=None, help="evaluate the first N questions (default: all)")
-    arg("--method", choices=["score", "generate", "both"], default="score", help="evaluation method (default: %(default)s)")
+    arg("--method", choices=["score", "generate", "both"], default="score",
+        help="evaluation method (default: %(default)s)")
     arg("--compare_base", action="store_true", help="also evaluate the base without the adapter, side by side")
     arg("--batch_size", type=int, default=16, help="questions per forward pass (default: %(default)s)")
     arg("--max_new_tokens", type=int, default=256, help="generation budget (default: %(default)s)")
@@ -60,7 +64,11 @@ def parse_args(argv=None):
     arg("--load_in_8bit", action="store_true", help="load the base in 8-bit")
     arg("--load_in_4bit", action="store_true", help="load the base in 4-bit nf4")
     arg("--trust_remote_code", action="store_true", help="allow the model folder to run its own code")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
     if args.load_in_8bit and args.load_in_4bit:
         raise UsageError("--load_in_8bit and --load_in_4bit are exclusive; pick one")
     if args.num_samples is not None and args.num_samples < 1:
@@ -148,8 +156,9 @@ def score_options(model, tokenizer, batch, config):
     rows, spans = [], []
     for item in batch:
         prompt = prompt_token_ids(tokenizer, item["question"], item["options"], config)
-        for letter, text in zip(LETTERS, item["options"]):
-            completion = common.build_completion(letter, text, config["include_choices"], config["add_reasoning"])
+        for letter in LETTERS[:len(item["options"])]:
+            completion = common.build_completion(letter, item["options"], config["include_choices"],
+                                                 config["add_reasoning"])
             ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append(prompt + ids)
             spans.append((len(prompt), len(prompt) + len(ids)))
@@ -279,18 +288,18 @@ def interactive(model, tokenizer, args, config):
             question = input("\nquestion> ").strip()
             if not question:
                 continue
-            choices = []
-            while len(choices) < len(LETTERS):
-                line = input(f"option {LETTERS[len(choices)]}> ").strip()
+            options = []
+            while len(options) < len(LETTERS):
+                letter = LETTERS[len(options)]
+                line = input(f"option {letter}> ").strip()
                 if not line:
                     break
-                choices.append(line if line[:2].upper() == f"{LETTERS[len(choices)]}:" else f"{LETTERS[len(choices)]}:{line}")
-            options = parse_choices(choices)
+                options.append(re.sub(rf"^{letter}\s*[:.)]\s*", "", line, flags=re.I))
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        except UsageError as err:
-            print(f"error: {err}")
+        if len(options) < 2:
+            print("error: give at least two options")
             continue
         answer_and_show(model, tokenizer, question, options, args, config)
 

@@ -23,7 +23,7 @@ SPLIT_FILES = {"v1": ("train.csv", {"test_clean": "test_clean.csv", "test": "tes
                "v2": ("train_2.csv", {"test_clean": "test_2.csv", "test": "test_2.csv"})}
 
 
-def parse_args(argv=None):
+def make_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", default=common.PMC_VQA_DIR,
                         help="PMC-VQA folder, one CSV, or a saved HF dataset folder (default: %(default)s)")
@@ -52,7 +52,11 @@ def parse_args(argv=None):
                         help="processes for tokenization (default: %(default)s)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="allow the tokenizer to run code from its folder (off: only if you trust it)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
     if args.sample_size is not None and args.sample_size < 1:
         raise UsageError(f"--sample_size must be at least 1, got {args.sample_size}")
     if not 0 <= args.val_ratio < 1:
@@ -180,9 +184,8 @@ def split_validation(train, val_ratio, seed):
 # --- Formatting and tokenization ------------------------------------------------------------------------------
 def create_conversation(question, options, letter, args):
     """(user turn, completion text) for one row: the prompt format lives in common.py, shared with inference."""
-    option_text = options[LETTERS.index(letter)]
     return (common.format_question(question, options, args.include_choices, args.add_reasoning),
-            common.build_completion(letter, option_text, args.include_choices, args.add_reasoning))
+            common.build_completion(letter, options, args.include_choices, args.add_reasoning))
 
 
 def tokenize_batch(batch, tokenizer, args):

@@ -18,13 +18,21 @@ from pathlib import Path
 import common
 
 
-def parse_args(argv=None):
+def make_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", default=common.PMC_VQA_DIR, help="PMC-VQA folder or CSV (default: %(default)s)")
-    parser.add_argument("--model_name_or_path", default=common.MODEL_PATH, help="tokenizer to use (default: %(default)s)")
+    parser.add_argument("--model_name_or_path", default=common.MODEL_PATH,
+                        help="tokenizer to use (default: %(default)s)")
     parser.add_argument("--add_reasoning", action="store_true", help="check the reasoning format instead")
     parser.add_argument("--num_rows", type=int, default=10, help="rows per split to process (default: %(default)s)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
+    if args.num_rows < 1:
+        raise common.UsageError(f"--num_rows must be at least 1, got {args.num_rows}")
+    return args
 
 
 def check_row(row, tokenizer, config):

@@ -23,10 +23,11 @@ import common
 from common import UsageError
 
 
-def parse_args(argv=None):
+def make_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arg = parser.add_argument
-    arg("--data_path", default=common.PROCESSED_DIR, help="output of preprocess_pmc_vqa_for_sft.py (default: %(default)s)")
+    arg("--data_path", default=common.PROCESSED_DIR,
+        help="output of preprocess_pmc_vqa_for_sft.py (default: %(default)s)")
     arg("--model_name_or_path", default=common.MODEL_PATH, help="base model (default: %(default)s)")
     arg("--output_dir", default=common.OUTPUT_DIR, help="checkpoints and final_model/ (default: %(default)s)")
     arg("--max_samples", type=int, default=None, help="train on at most this many rows (default: all)")
@@ -62,7 +63,11 @@ def parse_args(argv=None):
     arg("--merge", action="store_true",
         help="also save merged_model/: the base with the adapter folded in (16-bit bases only)")
     arg("--trust_remote_code", action="store_true", help="allow the model folder to run its own code")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
     if args.load_in_8bit and args.load_in_4bit:
         raise UsageError("--load_in_8bit and --load_in_4bit are exclusive; pick one (4-bit uses less memory)")
     if args.merge and (args.load_in_8bit or args.load_in_4bit):
@@ -157,8 +162,8 @@ def build_trainer(args, model, tokenizer, train, validation, precision):
         save_total_limit=3, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         logging_steps=args.logging_steps, report_to=args.report_to, seed=args.seed, data_seed=args.seed,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        gradient_checkpointing=args.gradient_checkpointing and not (args.load_in_4bit or args.load_in_8bit),
-        gradient_checkpointing_kwargs={"use_reentrant": False}, include_num_input_tokens_seen="non_padding",
+        activation_checkpointing=args.gradient_checkpointing and not (args.load_in_4bit or args.load_in_8bit),
+        activation_checkpointing_kwargs={"use_reentrant": False}, include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False, remove_unused_columns=False, disable_tqdm=not sys.stderr.isatty(),
         **precision)
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []

@@ -65,7 +65,7 @@ def test_reasoning_survives_because_the_completion_is_appended_as_text(tmp_path,
         trained = tokenizer.decode([t for t in row["labels"] if t != -100])
         option = row["options"]["ABCD".index(row["answer_label"])]
         assert trained.endswith(f"Answer: {row['answer_label']}. {option}{tokenizer.eos_token}")
-        assert ("The findings point to" in trained) == add_reasoning
+        assert trained.startswith(f"The findings point to {option}.") == add_reasoning
         assert test_preprocessing.check_row(row, tokenizer, stats["config"]) == []
 
 
@@ -179,5 +179,5 @@ def test_self_check_script_passes_on_the_demo_data(data_dir, model_dir):
 
 def test_parser_reads_back_every_completion_shape():
     for reasoning in (False, True):
-        completion = common.build_completion("C", "Kidney", add_reasoning=reasoning)
+        completion = common.build_completion("C", ["Liver", "Spleen", "Kidney", "Lung"], add_reasoning=reasoning)
         assert common.parse_answer_letter(completion, ["Liver", "Spleen", "Kidney", "Lung"]) == "C"

@@ -1,0 +1,175 @@
+"""A corpus of bad inputs run through the real scripts: each gets exit status 2 and one line naming the fix,
+or, for dirty rows, a successful run that counts them. Plus interruption and --help hygiene."""
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+import build_demo_assets as bda
+from conftest import ROOT, run_script
+
+V1 = bda.V1_COLUMNS
+SCRIPTS = ["preprocess_pmc_vqa_for_sft.py", "train_sft_example.py", "inference_example.py", "test_preprocessing.py"]
+
+
+def clean_rows(n=30):
+    return [[f"PMC{i}_F1.png", f" Which organ is marked {i}? ", "Spleen", " A:Liver ", " B:Spleen ", " C:Kidney ",
+             " D:Lung ", "B"] for i in range(n)]
+
+
+def write(path, rows, header=V1, delimiter=","):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter=delimiter).writerows([header, *rows])
+    return path
+
+
+def assert_one_line_error(result, *words):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def preprocess(tmp_path, data_path, model_dir, *extra):
+    return run_script("preprocess_pmc_vqa_for_sft.py", "--data_path", data_path, "--model_name_or_path", model_dir,
+                      "--output_dir", tmp_path / "out", "--num_proc", 1, *extra)
+
+
+def make_bad_file(tmp_path, kind):
+    path = tmp_path / "train.csv"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "header only":
+        write(path, [])
+    elif kind == "missing choice column":
+        write(path, [row[:6] + row[7:] for row in clean_rows()], header=V1[:6] + V1[7:])
+    elif kind == "wrong delimiter":
+        write(path, clean_rows(), delimiter=";")
+    elif kind == "not utf-8":
+        path.write_bytes(",".join(V1).encode() + b"\nPMC1.png,Caf\xe9 ?,x,A:x,B:y,C:z,D:w,A\n")
+    elif kind == "all rows dirty":
+        write(path, [row[:7] + ["'"] for row in clean_rows()])
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("empty", ["empty"]),
+    ("header only", ["no usable training rows"]),
+    ("missing choice column", ["unknown schema", "Choice D", "expected"]),
+    ("wrong delimiter", ["unknown schema"]),
+    ("not utf-8", ["UTF-8"]),
+    ("all rows dirty", ["no usable training rows", "answer_label_not_a_to_d"]),
+])
+def test_unusable_csv_is_one_clear_line(tmp_path, model_dir, kind, words):
+    result = preprocess(tmp_path, make_bad_file(tmp_path, kind), model_dir)
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda row: row.__setitem__(1, "Why " * 12500), "longer_than_max_length"),  # a 50,000-character question
+    (lambda row: row.__setitem__(7, "F"), "answer_label_not_a_to_d"),
+    (lambda row: row.__setitem__(7, "'"), "answer_label_not_a_to_d"),
+    (lambda row: row.__setitem__(2, "Heart"), "answer_text_matches_no_option"),
+    (lambda row: row.__setitem__(4, " C:Spleen "), "choice_prefix_differs_from_column"),
+])
+def test_dirty_rows_are_counted_not_fatal(tmp_path, model_dir, mutate, reason):
+    rows = clean_rows()
+    mutate(rows[5])
+    result = preprocess(tmp_path, write(tmp_path / "train.csv", rows), model_dir, "--max_length", 512)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.loads((tmp_path / "out" / "preprocessing_stats.json").read_text())
+    assert stats["rows_dropped"] == {reason: 1}
+    assert stats["rows_read"] == stats["rows_kept"] + sum(stats["rows_dropped"].values()) == 30
+
+
+def test_missing_paths_and_bad_numbers_are_one_clear_line(tmp_path, model_dir, small_processed):
+    csv_file = write(tmp_path / "train.csv", clean_rows())
+    assert_one_line_error(preprocess(tmp_path, tmp_path / "nope", model_dir), "does not exist")
+    assert_one_line_error(preprocess(tmp_path, csv_file, model_dir, "--sample_size", 0), "--sample_size")
+    assert_one_line_error(preprocess(tmp_path, csv_file, tmp_path / "no-model"), "--model_name_or_path")
+    interrupted = tmp_path / "processed.incomplete"
+    interrupted.mkdir()
+    for data in (interrupted, csv_file):  # an interrupted run's folder; a file where a folder is expected
+        result = run_script("train_sft_example.py", "--data_path", data, "--model_name_or_path", model_dir)
+        assert_one_line_error(result, "preprocess_pmc_vqa_for_sft.py")
+    result = run_script("train_sft_example.py", "--data_path", small_processed, "--load_in_8bit", "--load_in_4bit")
+    assert_one_line_error(result, "exclusive")
+    result = run_script("train_sft_example.py", "--data_path", small_processed, "--max_samples", -1)
+    assert_one_line_error(result, "positive")
+    for bad in ("0", "-3"):
+        result = run_script("inference_example.py", "--evaluate", "--num_samples", bad)
+        assert_one_line_error(result, "--num_samples")
+    result = run_script("inference_example.py", "--question", "Q?", "--choices", "A:Liver")
+    assert_one_line_error(result, "2 to 4 options")
+
+
+def test_adapter_folder_without_config_names_the_training_command(tmp_path, model_dir, small_processed):
+    (tmp_path / "final_model").mkdir()
+    result = run_script("inference_example.py", "--model_name_or_path", model_dir, "--adapter_path",
+                        tmp_path / "final_model", "--data_path", small_processed)
+    assert_one_line_error(result, "adapter_config.json", "train_sft_example.py")
+
+
+def test_tokenizer_without_chat_template_is_refused(tmp_path, model_dir):
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    (plain / "chat_template.jinja").unlink()
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    result = preprocess(tmp_path, write(tmp_path / "train.csv", clean_rows()), plain)
+    assert_one_line_error(result, "no chat template")
+
+
+def test_killed_preprocessing_leaves_nothing_that_looks_complete(tmp_path, model_dir):
+    import random
+
+    rows = bda.synthetic_rows(40000, random.Random(0), "PMC")
+    data = write(tmp_path / "train.csv", rows)
+    out = tmp_path / "processed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "preprocess_pmc_vqa_for_sft.py"), "--data_path", str(data),
+                             "--model_name_or_path", str(model_dir), "--output_dir", str(out), "--num_proc", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    seen = b""
+    while b"tokenizing train" not in seen and proc.poll() is None:  # killed in the middle of tokenization
+        seen += proc.stderr.read1(4096)
+    proc.kill()
+    proc.wait()
+    assert b"tokenizing train" in seen
+    assert not out.exists()
+    result = run_script("train_sft_example.py", "--data_path", out, "--model_name_or_path", model_dir)
+    assert_one_line_error(result, "not a complete processed dataset")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_instant_imports_no_torch_and_documents_every_flag(script):
+    code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
+            f"try:\n    runpy.run_path('{script}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'pandas') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "HEAVY []" in result.stdout, result.stdout[-500:] + result.stderr[-2000:]
+    module = __import__(script[:-3])
+    parser_actions = []
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = lambda self, *a, **k: parser_actions.extend(self._actions) or \
+        (_ for _ in ()).throw(SystemExit(0))
+    try:
+        with pytest.raises(SystemExit):
+            module.parse_args([])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    for action in parser_actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        is_switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        assert is_switch or "default" in action.help, f"{script} {action.option_strings} lacks its default"

@@ -1,0 +1,64 @@
+"""The four documents cannot drift from the code: every flag they pass a script exists, every file they
+name exists, every make target they show is defined, and the shipped accelerate configs load."""
+import re
+
+import pytest
+
+from conftest import ROOT
+
+DOCS = ["README.md", "QUICKSTART_GUIDE.md", "PMC_VQA_PREPROCESSING_README.md", "FILES_SUMMARY.md"]
+SCRIPTS = {"preprocess_pmc_vqa_for_sft.py", "train_sft_example.py", "inference_example.py", "test_preprocessing.py",
+           "build_demo_assets.py"}
+
+
+def commands(text):
+    """Every shell line of a document (continuations joined), from code blocks and inline code."""
+    text = text.replace("\\\n", " ")
+    return re.findall(r"`([^`\n]+)`", text) + text.splitlines()
+
+
+def script_flags(text):
+    for line in commands(text):
+        for match in re.finditer(r"(?:^|[\s/])([a-z_]+\.py)((?:\s+(?:--[a-z_0-9]+|\"[^\"]*\"|'[^']*'|[^\s`|]+))*)",
+                                 line):
+            if match.group(1) in SCRIPTS:
+                yield match.group(1), re.findall(r"(?:^|\s)(--[a-z_0-9]+)", match.group(2))
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_flag_shown_is_accepted_by_its_script(doc):
+    text = (ROOT / doc).read_text()
+    shown = list(script_flags(text))
+    assert shown or doc == "FILES_SUMMARY.md"
+    for script, flags in shown:
+        module = __import__(script[:-3])
+        accepted = {option for action in (module.make_parser()._actions if hasattr(module, "make_parser") else [])
+                    for option in action.option_strings}
+        if script == "build_demo_assets.py":
+            accepted = {"--out", "--seed", "--num_train", "--force", "--help"}
+        for flag in flags:
+            assert flag in accepted, f"{doc}: {script} has no flag {flag}"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_repository_file_named_exists(doc):
+    text = (ROOT / doc).read_text()
+    named = set(re.findall(r"`((?:bench|tests|configs|\.ci)/[\w./-]+|[\w-]+\.(?:py|md|txt|yaml))`", text))
+    named |= set(re.findall(r"\]\(([\w./-]+\.md)\)", text))
+    for name in named:
+        assert (ROOT / name).exists(), f"{doc} names {name}, which does not exist"
+
+
+def test_make_targets_shown_exist():
+    targets = set(re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.M))
+    for doc in DOCS:
+        for target in re.findall(r"`make ([a-z]+)`", (ROOT / doc).read_text()):
+            assert target in targets, f"{doc}: make {target}"
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_processes >= 2 and str(loaded.distributed_type) != "NO"
