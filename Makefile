@@ -17,13 +17,12 @@ DEMO_TRAIN_FLAGS := --num_epochs 1 --batch_size 8 --grad_accum 1 --learning_rate
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # first: a CPU build from local disk, not a multi-GB CUDA one
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 $(MODEL)/model.safetensors: $(VENV)/.installed build_demo_assets.py
-	$(PY) build_demo_assets.py --out $(ASSETS)
+	$(PY) build_demo_assets.py --out $(ASSETS) --force
 
 assets: $(MODEL)/model.safetensors
 
@@ -37,7 +36,8 @@ demo: assets
 		--data_path $(OUT)/processed
 	$(PY) inference_example.py --evaluate --method both --compare_base --model_name_or_path $(MODEL) \
 		--adapter_path $(OUT)/sft/final_model --data_path $(OUT)/processed
-	@echo "\nOutputs: $(OUT)/processed/ (+ preprocessing_stats.json, examples.json), $(OUT)/sft/final_model/,"
+	@echo ""
+	@echo "Outputs: $(OUT)/processed/ (+ preprocessing_stats.json, examples.json), $(OUT)/sft/final_model/,"
 	@echo "  $(OUT)/sft/eval_results.json, $(OUT)/sft/loss_curve.png, $(OUT)/sft/final_model/evaluation_results.json"
 	@echo "Next: $(PY) inference_example.py --interactive --model_name_or_path $(MODEL) --adapter_path $(OUT)/sft/final_model --data_path $(OUT)/processed"
 

@@ -3,13 +3,15 @@
     python build_demo_assets.py                      # into demo_assets/ (skips what is already built)
     python build_demo_assets.py --out /tmp/a --force # rebuild everything
 
-Nothing is downloaded: a fresh offline laptop gets, in about two minutes on 2 CPU cores,
+Nothing is downloaded: a fresh offline laptop gets, in about a minute on 2 CPU cores,
   demo_assets/PMC-VQA/          train.csv, test.csv, test_clean.csv in the real v1 schema + images/
   demo_assets/tiny-r1-llama/    a LlamaForCausalLM (the 8B's class) and a tokenizer with DeepSeek-R1's
                                 special tokens and chat format; loads with AutoModelForCausalLM.from_pretrained
 Same seed, same bytes. The synthetic questions carry a learnable signal (the finding named in the question
 decides the answer), so a fine-tune visibly helps. The tiny base is pre-trained briefly, like any real base
-model, on train-split text that never states an answer; LoRA then has to teach the task.
+model: on the train split's questions (never their answers) and a small synthetic radiology textbook, so it
+knows what each finding suggests but not how to answer a PMC-VQA question; LoRA then teaches the task.
+Test rows are never seen before evaluation.
 """
 import argparse
 import csv

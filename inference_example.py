@@ -326,8 +326,9 @@ def main(argv=None):
     elif args.interactive:
         interactive(model, tokenizer, args, config)
     elif args.question:
+        # shown to the model only if training showed options too; the parser matches its answer either way
         answer_and_show(model, tokenizer, args.question, options or [], args,
-                        {**config, "include_choices": bool(options)})
+                        {**config, "include_choices": config["include_choices"] and bool(options)})
     else:
         for question, options in DEMO_QUESTIONS:
             answer_and_show(model, tokenizer, question, options, args, config)

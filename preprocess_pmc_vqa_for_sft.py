@@ -250,7 +250,7 @@ def tokenize_splits(frames, tokenizer, args, dropped):
 
     splits = DatasetDict()
     for name, frame in frames.items():
-        dataset = to_dataset(frame).map(
+        dataset = to_dataset(frame).map(  # worker start-up costs more than it saves on small splits
             tokenize_batch, batched=True, num_proc=args.num_proc if len(frame) >= 2000 else None,
             fn_kwargs={"tokenizer": tokenizer, "args": args}, desc=f"tokenizing {name}")
         fits = [n <= args.max_length for n in (p + c for p, c in
@@ -307,11 +307,11 @@ def save_atomically(splits, stats, examples, output_dir):
 def main(argv=None):
     args = parse_args(argv)
     sources = load_sources(args.data_path, args.test_file)
-    tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     frames, dropped, rows_read = build_splits(sources, args)
     if not len(frames["train"]):
         raise UsageError(f"no usable training rows in {args.data_path} (dropped: {dropped}); check the file "
                          "is PMC-VQA and not corrupted")
+    tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     splits = tokenize_splits(frames, tokenizer, args, dropped)
     stats = preprocessing_stats(splits, dropped, rows_read, args)
     splits = splits.remove_columns(["prompt_length", "completion_length"])

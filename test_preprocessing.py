@@ -23,7 +23,8 @@ def make_parser():
     parser.add_argument("--data_path", default=common.PMC_VQA_DIR, help="PMC-VQA folder or CSV (default: %(default)s)")
     parser.add_argument("--model_name_or_path", default=common.MODEL_PATH,
                         help="tokenizer to use (default: %(default)s)")
-    parser.add_argument("--add_reasoning", action="store_true", help="check the reasoning format instead")
+    parser.add_argument("--add_reasoning", action="store_true", help="check the format of --add_reasoning")
+    parser.add_argument("--no_include_choices", action="store_true", help="check the format without options")
     parser.add_argument("--num_rows", type=int, default=10, help="rows per split to process (default: %(default)s)")
     return parser
 
@@ -72,7 +73,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         flags = ["--data_path", args.data_path, "--model_name_or_path", args.model_name_or_path,
                  "--output_dir", f"{tmp}/processed", "--sample_size", str(args.num_rows), "--num_proc", "1"]
-        preprocess.main(flags + (["--add_reasoning"] if args.add_reasoning else []))
+        format_flags = [f"--{name}" for name in ("add_reasoning", "no_include_choices") if getattr(args, name)]
+        preprocess.main(flags + format_flags)
         splits = load_from_disk(f"{tmp}/processed")
         stats = json.loads(Path(f"{tmp}/processed/preprocessing_stats.json").read_text())
     tokenizer = common.load_tokenizer(args.model_name_or_path)

@@ -88,11 +88,11 @@ def parse_args(argv=None):
 
 def load_processed_dataset(data_path, max_samples):
     """train and validation splits with only the tensors the model needs; clear errors for anything else."""
-    from datasets import load_from_disk
-
     hint = f"run: python preprocess_pmc_vqa_for_sft.py --output_dir {data_path}"
     if not (Path(data_path) / "dataset_dict.json").exists():
         raise UsageError(f"{data_path} is not a complete processed dataset (an interrupted or missing run); {hint}")
+    from datasets import load_from_disk
+
     splits = load_from_disk(str(data_path))
     for name in ("train", "validation"):
         if name not in splits or "labels" not in splits[name].column_names:
