@@ -138,6 +138,25 @@ def write_json_atomic(path, data):
     os.replace(tmp, path)
 
 
+def pick_dtype():
+    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU: the same choice for training and inference."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def quantization_config(load_in_4bit, load_in_8bit, compute_dtype):
+    """bitsandbytes settings: QLoRA's nf4 with double quantization, or 8-bit; None for an unquantized base."""
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_tokenizer(model_name_or_path, trust_remote_code=False):
     """The tokenizer, with a clear error when it has no chat template (the prompt format needs one)."""
     from transformers import AutoTokenizer

@@ -99,7 +99,7 @@ def parse_choices(choices):
 def load_model(args):
     """Base model (+ adapter unless --no_adapter), in the precision training used on this hardware."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     adapter = None if args.no_adapter else Path(args.adapter_path)
     if adapter is not None and not (adapter / "adapter_config.json").exists():
@@ -109,15 +109,11 @@ def load_model(args):
     tokenizer.padding_side = "left"  # generation continues from the last token of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    cuda = torch.cuda.is_available()
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    quantization = None
-    if args.load_in_4bit or args.load_in_8bit:
-        quantization = BitsAndBytesConfig(load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
-                                          bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, quantization_config=quantization,
-                                                 device_map="auto" if cuda else None,
-                                                 trust_remote_code=args.trust_remote_code)
+    dtype = common.pick_dtype()
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=dtype, device_map="auto" if torch.cuda.is_available() else None,
+        quantization_config=common.quantization_config(args.load_in_4bit, args.load_in_8bit, dtype),
+        trust_remote_code=args.trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 

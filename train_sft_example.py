@@ -58,7 +58,7 @@ def make_parser():
     arg("--early_stopping_patience", type=int, default=0,
         help="stop after N evaluations without a better validation loss; 0 = never (default: %(default)s)")
     arg("--report_to", choices=["none", "tensorboard", "wandb"], default="none",
-        help="where to stream metrics (default: %(default)s)")
+        help="where to stream metrics; tensorboard and wandb need their package installed (default: %(default)s)")
     arg("--seed", type=int, default=42, help="seed of LoRA init, dropout and data order (default: %(default)s)")
     arg("--merge", action="store_true",
         help="also save merged_model/: the base with the adapter folded in (16-bit bases only)")
@@ -107,28 +107,25 @@ def load_processed_dataset(data_path, max_samples):
 
 
 def pick_precision():
-    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU: (torch dtype, TrainingArguments kwargs)."""
+    """(torch dtype, TrainingArguments kwargs) for this hardware: bf16, fp16, or fp32 on CPU."""
     import torch
 
-    if not torch.cuda.is_available():
-        return torch.float32, {"use_cpu": True}  # use_cpu: without it torchrun on CPU never wraps in DDP
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, {"bf16": True}
-    return torch.float16, {"fp16": True}
+    dtype = common.pick_dtype()
+    if dtype == torch.float32:
+        return dtype, {"use_cpu": True}  # use_cpu: without it torchrun on CPU never wraps the model in DDP
+    return dtype, {"bf16": True} if dtype == torch.bfloat16 else {"fp16": True}
 
 
 def setup_model_and_tokenizer(args, dtype):
     """Base model (optionally 8/4-bit) with LoRA adapters on top; only the adapters train."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    quantization, device_map = None, None
-    if args.load_in_4bit or args.load_in_8bit:
-        quantization = BitsAndBytesConfig(load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
-                                          bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=dtype)
+    quantization = common.quantization_config(args.load_in_4bit, args.load_in_8bit, dtype)
+    device_map = None
+    if quantization:
         # Quantized weights cannot be moved after loading: place each rank's copy on its own device.
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, device_map=device_map,

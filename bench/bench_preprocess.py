@@ -1,6 +1,6 @@
 """Preprocessing at full PMC-VQA v1 size: our batched datasets.map vs the naive per-row way, side by side.
 
-    python bench/bench_preprocess.py                 # 227k rows (train.csv + test.csv size), naive on 20k
+    python bench/bench_preprocess.py                 # 227k rows (train.csv + test.csv size), naive on 10k
     python bench/bench_preprocess.py --rows 20000    # quicker
 
 The naive way is what many tutorials do: a Python loop over pandas rows, apply_chat_template per row,
@@ -63,7 +63,7 @@ Dataset.from_dict(records).save_to_disk(out)
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=227_000, help="rows in the synthetic file (default: %(default)s)")
-    parser.add_argument("--naive_rows", type=int, default=20_000,
+    parser.add_argument("--naive_rows", type=int, default=10_000,
                         help="rows the naive way processes (default: %(default)s)")
     parser.add_argument("--num_proc", type=int, default=2, help="processes for ours (default: %(default)s)")
     args = parser.parse_args()
