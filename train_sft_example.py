@@ -232,6 +232,31 @@ def peak_memory_gb():
     return {"peak_rss_gb": round(rss, 3), "peak_gpu_memory_gb": round(gpu, 3) if gpu is not None else None}
 
 
+def final_metrics(trainer, result, train_seconds, dtype):
+    """What eval_results.json reports; the validation loss is the best checkpoint's (restored at the end)."""
+    eval_loss = trainer.evaluate()["eval_loss"]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)), "train_loss": result.training_loss,
+            "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
+            "best_checkpoint": trainer.state.best_model_checkpoint, "tokens_seen": tokens,
+            "tokens_per_second": tokens / train_seconds, "train_seconds": train_seconds,
+            "world_size": trainer.args.world_size, "device": str(trainer.args.device), "dtype": str(dtype),
+            **peak_memory_gb()}
+
+
+def write_reports(trainer, args, metrics):
+    output = Path(args.output_dir)
+    plot_loss_curve(trainer.state.log_history, output / "loss_curve.png")
+    common.write_json_atomic(output / "training_summary.json",
+                             {"args": vars(args), "metrics": metrics, "log_history": trainer.state.log_history})
+    common.write_json_atomic(output / "eval_results.json", metrics)
+    print(f"validation loss {metrics['eval_loss']:.4f} (perplexity {metrics['perplexity']:.3f}), "
+          f"{metrics['steps']} steps, {metrics['tokens_per_second']:.0f} tokens/s")
+    print(f"wrote {output}/final_model, eval_results.json, training_summary.json, loss_curve.png")
+    print(f"next: python inference_example.py --evaluate --model_name_or_path {args.model_name_or_path} "
+          f"--adapter_path {output / 'final_model'} --data_path {args.data_path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     train, validation = load_processed_dataset(args.data_path, args.max_samples)
@@ -252,27 +277,10 @@ def main(argv=None):
 
     start = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.time() - start
-    eval_loss = trainer.evaluate()["eval_loss"]  # on the best model, which load_best_model_at_end restored
-    tokens = int(trainer.state.num_input_tokens_seen)
-    metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)),
-               "train_loss": result.training_loss, "steps": trainer.state.global_step,
-               "epochs": trainer.state.epoch, "best_checkpoint": trainer.state.best_model_checkpoint,
-               "tokens_seen": tokens, "tokens_per_second": tokens / train_seconds, "train_seconds": train_seconds,
-               "world_size": world, "device": str(trainer.args.device), "dtype": str(dtype),
-               **peak_memory_gb()}
+    metrics = final_metrics(trainer, result, time.time() - start, dtype)
     save_final_model(trainer, tokenizer, args, metrics)
     if trainer.is_world_process_zero():
-        output = Path(args.output_dir)
-        plot_loss_curve(trainer.state.log_history, output / "loss_curve.png")
-        common.write_json_atomic(output / "training_summary.json",
-                                 {"args": vars(args), "metrics": metrics, "log_history": trainer.state.log_history})
-        common.write_json_atomic(output / "eval_results.json", metrics)
-        print(f"validation loss {eval_loss:.4f} (perplexity {metrics['perplexity']:.3f}), {metrics['steps']} steps, "
-              f"{metrics['tokens_per_second']:.0f} tokens/s")
-        print(f"wrote {output}/final_model, eval_results.json, training_summary.json, loss_curve.png")
-        print(f"next: python inference_example.py --evaluate --model_name_or_path {args.model_name_or_path} "
-              f"--adapter_path {output / 'final_model'} --data_path {args.data_path}")
+        write_reports(trainer, args, metrics)
     return trainer
 
 

@@ -1,6 +1,5 @@
 """Inference and evaluation: the parser, the interval, both methods, batched == sequential, the report."""
 import json
-import types
 
 import pytest
 
