@@ -100,7 +100,7 @@ def build_completion(letter, options, include_choices=True, add_reasoning=False)
 _FINAL_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*\**\s*\(?([A-D])\)?(?![A-Za-z])", re.I | re.M)
 _BOXED = re.compile(r"\\boxed\{\s*\(?([A-D])\)?\s*\}", re.I)
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*(?:option\s*)?\(?([A-D])\)?(?![A-Za-z])", re.I)
-_LEADING_LETTER = re.compile(r"^\s*\(?([A-D])\)?(?:[.:)]|\s*$|\s)")
+_LEADING_LETTER = re.compile(r"^\s*\(?([A-D])\)?(?:[.:)]|\s*$)")  # not the article in "A lesion..."
 
 
 def _normalise(text):

@@ -44,7 +44,8 @@ def make_parser():
     arg("--no_adapter", action="store_true", help="the base model alone (zero-shot baseline), or a merged model")
     arg("--data_path", default=common.PROCESSED_DIR, help="processed dataset for --evaluate (default: %(default)s)")
     arg("--split", default="test", help="split to evaluate (default: %(default)s)")
-    arg("--output_file", default=None, help="results JSON (default: evaluation_results.json beside the adapter)")
+    arg("--output_file", default=None,
+        help="results JSON (default: evaluation_results.json beside the adapter, or the model folder with --no_adapter)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--interactive", action="store_true", help="a prompt loop; Ctrl-D or Ctrl-C quits")
     mode.add_argument("--question",
@@ -312,8 +313,8 @@ def main(argv=None):
     if args.evaluate:
         results = evaluate_all(model, tokenizer, args)
         print_report(results)
-        output = Path(args.output_file or (Path(args.model_name_or_path if args.no_adapter else args.adapter_path)
-                                           / "evaluation_results.json"))
+        beside = Path(args.model_name_or_path if args.no_adapter else args.adapter_path)
+        output = Path(args.output_file or (beside if beside.is_dir() else Path(".")) / "evaluation_results.json")
         common.write_json_atomic(output, {"model_name_or_path": args.model_name_or_path,
                                           "adapter_path": None if args.no_adapter else args.adapter_path,
                                           "data_path": args.data_path, "split": args.split,

@@ -26,6 +26,7 @@ OPTIONS = ["Liver", "Spleen", "Kidney", "Lung"]
     ("I think it reasons about A first.\n</think>\nAnswer: D. Lung", "D"),
     ("It could be the liver or the spleen", None),
     ("Brain", None),
+    ("A ring-enhancing lesion is seen", None),
     ("", None),
     ("Answer: E", None),
     ("Absolutely not sure", None),
