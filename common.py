@@ -97,36 +97,45 @@ def build_completion(letter, options, include_choices=True, add_reasoning=False)
 
 
 # --- Reading the answer back (DESIGN.md section 4) --------------------------------------------------------
-_FINAL_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*\**\s*\(?([A-D])\)?(?![A-Za-z])", re.I | re.M)
-_BOXED = re.compile(r"\\boxed\{\s*\(?([A-D])\)?\s*\}", re.I)
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*(?:option\s*)?\(?([A-D])\)?(?![A-Za-z])", re.I)
-_LEADING_LETTER = re.compile(r"^\s*\(?([A-D])\)?(?:[.:)]|\s*$)")  # not the article in "A lesion..."
+# A letter is "(b)" in any case, or a bare capital: a bare "a" is the article in "Answer: a small cyst".
+_LETTER = r"(?:\(([A-Da-d])\)|((?-i:[A-D])))(?![\w'-])"
+_FINAL_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*\**\s*" + _LETTER, re.I | re.M)
+_BOXED = re.compile(r"\\boxed\{\s*\(?([A-Da-d])\)?\s*\}()")
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*(?:option\s*)?" + _LETTER, re.I)
+_LEADING_LETTER = re.compile(r"^\s*" + _LETTER + r"(?:[.:)]|\s*$)")  # not the article in "A lesion..."
 
 
 def _normalise(text):
     return " ".join(text.replace("\u00a0", " ").split()).casefold().rstrip(".")
 
 
+def _option_named(text, options):
+    """The letter of the one option whose text is exactly `text` (case and spacing aside), else None."""
+    said = _normalise(re.sub(r"^\s*\**answer\**\s*[:：]\**", "", text.strip(), flags=re.I))
+    matches = [letter for letter, option in zip(LETTERS, options) if _normalise(option) == said]
+    return matches[0] if len(matches) == 1 else None
+
+
 def parse_answer_letter(text, options):
     """The answer letter in a model's output, or None (a parse failure: counted, never guessed).
 
     Looks only after the last '</think>' when there is one, then tries, in order: the fixed final line
-    'Answer: X', '\\boxed{X}', 'answer is X', a lone leading letter, the exact text of one option.
+    'Answer: X' (or 'Answer: <option text>'), '\\boxed{X}', 'answer is X', a lone leading letter, the exact
+    text of one option.
     """
     answer_part = text.rsplit("</think>", 1)[-1]
-    final_lines = _FINAL_LINE.findall(answer_part)
-    if final_lines:
-        return final_lines[-1].upper()
-    for pattern in (_BOXED, _ANSWER_IS):
+    last_line = answer_part.strip().rsplit("\n", 1)[-1]
+    named = _option_named(last_line, options) if re.match(r"\s*\**answer\**\s*[:：]", last_line, re.I) else None
+    if named:
+        return named  # "Answer: C. difficile colitis" names an option; it does not answer C
+    for pattern in (_FINAL_LINE, _BOXED, _ANSWER_IS):
         found = pattern.findall(answer_part)
         if found:
-            return found[-1].upper()
+            return "".join(found[-1]).upper()  # one of the two groups matched, the other is empty
     leading = _LEADING_LETTER.match(answer_part)
     if leading:
-        return leading.group(1).upper()
-    said = _normalise(re.sub(r"^\s*answer\s*[:：]", "", answer_part.strip(), flags=re.I))
-    matches = [letter for letter, option in zip(LETTERS, options) if _normalise(option) == said]
-    return matches[0] if len(matches) == 1 else None
+        return "".join(leading.groups(default="")).upper()
+    return _option_named(answer_part, options)
 
 
 # --- Small helpers ----------------------------------------------------------------------------------------

@@ -27,12 +27,22 @@ OPTIONS = ["Liver", "Spleen", "Kidney", "Lung"]
     ("It could be the liver or the spleen", None),
     ("Brain", None),
     ("A ring-enhancing lesion is seen", None),
+    ("Answer: a small cyst", None),
+    ("answer: (c)", "C"),
+    ("Answer: B-cell lymphoma", None),
     ("", None),
     ("Answer: E", None),
     ("Absolutely not sure", None),
 ])
 def test_parser_reads_real_world_answer_shapes(text, letter):
     assert common.parse_answer_letter(text, OPTIONS) == letter
+
+
+def test_an_option_text_that_starts_like_a_letter_is_read_as_text():
+    options = ["Liver abscess", "C. difficile colitis", "B-cell lymphoma", "Lung"]
+    assert common.parse_answer_letter("\n</think>\n\nAnswer: C. difficile colitis", options) == "B"
+    assert common.parse_answer_letter("Answer: B-cell lymphoma", options) == "C"
+    assert common.parse_answer_letter("Answer: C. B-cell lymphoma", options) == "C"
 
 
 def test_wilson_interval_matches_the_textbook_value():
