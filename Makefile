@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 ASSETS := demo_assets
 OUT := demo_outputs
 MODEL := $(ASSETS)/tiny-r1-llama
-# The demo's recipe (bench/bench_demo_seeds.py and tests/test_demo.py read these lines too).
+# The demo's recipe (build_demo_assets.demo_flags reads these lines for the seeds bench and the demo test).
 # --no_include_choices: the tiny model cannot learn, in the demo's minutes, to read a letter off an option
 # list (measured: 21-27% with the options shown), so it answers with the option text, which evaluation
 # still scores against the four options. The 8B keeps the default: options shown, "Answer: B. text".

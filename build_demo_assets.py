@@ -16,6 +16,7 @@ Test rows are never seen before evaluation.
 import argparse
 import csv
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -247,6 +248,13 @@ def build_all(out_dir, seed=0, num_train=3000, pretrain_epochs=1, force=False):
         build_model(model_dir, data_dir, tokenizer, seed, pretrain_epochs)
         print(f"tiny base pre-trained in {time.time() - start:.0f} s -> {model_dir}")
     return data_dir, model_dir
+
+
+def demo_flags(name):
+    """A flag list the Makefile's demo recipe defines (DEMO_DATA_FLAGS, DEMO_TRAIN_FLAGS): one source of truth
+    for `make demo`, its shortened test and the seeds benchmark."""
+    makefile = (Path(__file__).resolve().parent / "Makefile").read_text()
+    return re.search(rf"^{name} := (.*)$", makefile, re.M).group(1).split()
 
 
 def main():

@@ -99,7 +99,8 @@ def build_completion(letter, options, include_choices=True, add_reasoning=False)
 # --- Reading the answer back (DESIGN.md section 4) --------------------------------------------------------
 # A letter is "(b)" in any case, or a bare capital: a bare "a" is the article in "Answer: a small cyst".
 _LETTER = r"(?:\(([A-Da-d])\)|((?-i:[A-D])))(?![\w'-])"
-_FINAL_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*\**\s*" + _LETTER, re.I | re.M)
+_ANSWER_HEAD = r"\s*\**answer\**\s*[:：]\s*\**\s*"  # "Answer:", "**Answer:**", "answer :"
+_FINAL_LINE = re.compile(r"^" + _ANSWER_HEAD + _LETTER, re.I | re.M)
 _BOXED = re.compile(r"\\boxed\{\s*\(?([A-Da-d])\)?\s*\}()")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*(?:option\s*)?" + _LETTER, re.I)
 _LEADING_LETTER = re.compile(r"^\s*" + _LETTER + r"(?:[.:)]|\s*$)")  # not the article in "A lesion..."
@@ -111,7 +112,7 @@ def _normalise(text):
 
 def _option_named(text, options):
     """The letter of the one option whose text is exactly `text` (case and spacing aside), else None."""
-    said = _normalise(re.sub(r"^\s*\**answer\**\s*[:：]\**", "", text.strip(), flags=re.I))
+    said = _normalise(re.sub(r"^" + _ANSWER_HEAD, "", text.strip(), flags=re.I))
     matches = [letter for letter, option in zip(LETTERS, options) if _normalise(option) == said]
     return matches[0] if len(matches) == 1 else None
 
@@ -125,7 +126,7 @@ def parse_answer_letter(text, options):
     """
     answer_part = text.rsplit("</think>", 1)[-1]
     last_line = answer_part.strip().rsplit("\n", 1)[-1]
-    named = _option_named(last_line, options) if re.match(r"\s*\**answer\**\s*[:：]", last_line, re.I) else None
+    named = _option_named(last_line, options) if re.match(_ANSWER_HEAD, last_line, re.I) else None
     if named:
         return named  # "Answer: C. difficile colitis" names an option; it does not answer C
     for pattern in (_FINAL_LINE, _BOXED, _ANSWER_IS):

@@ -227,6 +227,10 @@ def percentiles(values):
     return {"p50": int(p50), "p95": int(p95), "p99": int(p99), "max": int(np.max(values))}
 
 
+def letter_counts(labels):
+    return {letter: int((labels == letter).sum()) for letter in LETTERS}
+
+
 def build_splits(sources, args):
     """Clean every source, carve validation (and test, for a single file); return frames and drop counts."""
     dropped, frames, rows_read = {}, {}, 0
@@ -274,9 +278,7 @@ def preprocessing_stats(splits, dropped, rows_read, args):
         "token_lengths": {name: {"prompt": percentiles(column(split, "prompt_length")),
                                  "completion": percentiles(column(split, "completion_length"))}
                           for name, split in splits.items()},
-        "answer_distribution": {name: {letter: int((column(split, "answer_label") == letter).sum())
-                                       for letter in LETTERS}
-                                for name, split in splits.items()},
+        "answer_distribution": {name: letter_counts(column(split, "answer_label")) for name, split in splits.items()},
         "config": {"data_path": str(args.data_path), "model_name_or_path": args.model_name_or_path,
                    "max_length": args.max_length, "include_choices": args.include_choices,
                    "add_reasoning": args.add_reasoning, "val_ratio": args.val_ratio, "seed": args.seed,

@@ -7,7 +7,6 @@ held-out test split. Pass: score >= 80% and greedy generate >= 70% for every see
 """
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import build_demo_assets as bda  # noqa: E402
-
-
-def demo_flags(name):
-    """A flag list the Makefile defines for the demo, e.g. DEMO_TRAIN_FLAGS."""
-    return re.search(rf"^{name} := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
 
 
 def run(*args):
@@ -35,12 +29,12 @@ def main():
     work = ROOT / "bench" / "results" / "demo_seeds"
     processed = work / "processed"
     run("preprocess_pmc_vqa_for_sft.py", "--data_path", data_dir, "--model_name_or_path", model_dir,
-        "--output_dir", processed, *demo_flags("DEMO_DATA_FLAGS"))
+        "--output_dir", processed, *bda.demo_flags("DEMO_DATA_FLAGS"))
     rows = []
     for seed in args.seeds:
         out = work / f"seed{seed}"
         run("train_sft_example.py", "--data_path", processed, "--model_name_or_path", model_dir, "--output_dir", out,
-            *demo_flags("DEMO_TRAIN_FLAGS"), "--seed", seed)
+            *bda.demo_flags("DEMO_TRAIN_FLAGS"), "--seed", seed)
         run("inference_example.py", "--evaluate", "--method", "both", "--compare_base", "--model_name_or_path",
             model_dir, "--adapter_path", out / "final_model", "--data_path", processed)
         results = json.loads((out / "final_model" / "evaluation_results.json").read_text())["results"]

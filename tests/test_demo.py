@@ -1,22 +1,18 @@
 """A shortened `make demo`: if the format, the labels, training or evaluation were wrong, the fine-tuned
 tiny model would not beat its base on held-out questions."""
 import json
-import re
 
-from conftest import ROOT, run_script
-
-
-def demo_flags(name):
-    return re.search(rf"^{name} := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+import build_demo_assets as bda
+from conftest import run_script
 
 
 def test_shortened_demo_clearly_beats_the_base(tmp_path, data_dir, model_dir):
     processed, out = tmp_path / "processed", tmp_path / "sft"
     steps = [
         ("preprocess_pmc_vqa_for_sft.py", "--data_path", data_dir, "--model_name_or_path", model_dir,
-         "--output_dir", processed, *demo_flags("DEMO_DATA_FLAGS")),
+         "--output_dir", processed, *bda.demo_flags("DEMO_DATA_FLAGS")),
         ("train_sft_example.py", "--data_path", processed, "--model_name_or_path", model_dir, "--output_dir", out,
-         *demo_flags("DEMO_TRAIN_FLAGS"), "--max_samples", 1600),
+         *bda.demo_flags("DEMO_TRAIN_FLAGS"), "--max_samples", 1600),
         ("inference_example.py", "--evaluate", "--method", "both", "--compare_base", "--num_samples", 100,
          "--model_name_or_path", model_dir, "--adapter_path", out / "final_model", "--data_path", processed),
     ]
