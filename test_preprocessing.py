@@ -4,12 +4,11 @@
     python test_preprocessing.py --data_path demo_assets/PMC-VQA --model_name_or_path demo_assets/tiny-r1-llama
 
 Runs the real preprocessing into a temporary folder, prints two examples with the trained region marked
-[[like this]], and checks what training relies on: one bos per row; prompt ids equal to the ids
+[[like this]], and checks what training relies on: no bos beyond the template's; prompt ids equal to the ids
 inference feeds the model; labels -100 on the prompt, every completion token trained, eos last;
 the answer parser reads each completion back to its gold letter. Exit status 0 = all good, 1 = a broken
 invariant (the message says which), 2 = bad input.
 """
-import argparse
 import json
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import common
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--data_path", default=common.PMC_VQA_DIR, help="PMC-VQA folder or CSV (default: %(default)s)")
     parser.add_argument("--model_name_or_path", default=common.MODEL_PATH,
                         help="tokenizer to use (default: %(default)s)")
@@ -36,15 +35,16 @@ def parse_args(argv=None):
     return args
 
 
-def check_row(row, tokenizer, config):
+def check_row(row, tokenizer, prompt_format):
     """The broken invariants of one processed row, as readable sentences (empty when all hold)."""
     problems = []
     ids, labels = row["input_ids"], row["labels"]
-    prompt_ids = common.prompt_token_ids(tokenizer, row["question"], row["options"], config["include_choices"],
-                                         config["add_reasoning"])
+    prompt_ids = prompt_format.prompt_ids(tokenizer, row["question"], row["options"])
     n = len(prompt_ids)
-    if ids.count(tokenizer.bos_token_id) != 1 or ids[0] != tokenizer.bos_token_id:
-        problems.append("the row does not start with exactly one bos")
+    rendered = common.build_prompt(tokenizer, prompt_format.user_turn(row["question"], row["options"]))
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids.count(bos) != tokenizer(rendered, add_special_tokens=False)["input_ids"].count(bos):
+        problems.append("tokenization added a bos the template did not write (a double bos)")
     if ids[:n] != prompt_ids:
         problems.append("the prompt ids differ from what inference feeds the model")
     if any(label != -100 for label in labels[:n]):
@@ -53,7 +53,7 @@ def check_row(row, tokenizer, config):
         problems.append("a completion token is not trained")
     if ids[-1] != tokenizer.eos_token_id or labels[-1] != tokenizer.eos_token_id:
         problems.append("the row does not end with a trained eos")
-    if common.parse_answer_letter(row["completion"], row["options"]) != row["answer_label"]:
+    if prompt_format.parse(row["completion"], row["options"]) != row["answer_label"]:
         problems.append("the parser does not read the completion back to the gold letter")
     return problems
 
@@ -77,11 +77,12 @@ def main(argv=None):
         preprocess.main(flags + format_flags)
         splits = load_from_disk(f"{tmp}/processed")
         stats = json.loads(Path(f"{tmp}/processed/preprocessing_stats.json").read_text())
-    tokenizer = common.load_tokenizer(args.model_name_or_path)
+        tokenizer = common.load_tokenizer(args.model_name_or_path)
+        prompt_format = common.PromptFormat.from_processed(f"{tmp}/processed", tokenizer)
     for row in splits["train"].select(range(min(2, len(splits["train"])))):
         show(row, tokenizer)
     failures = [f"{row['id']}: {problem}" for split in splits.values() for row in split
-                for problem in check_row(row, tokenizer, stats["config"])]
+                for problem in check_row(row, tokenizer, prompt_format)]
     dropped = sum(stats["rows_dropped"].values())
     if stats["rows_read"] != stats["rows_kept"] + dropped:
         failures.append(f"rows_read {stats['rows_read']} != rows_kept {stats['rows_kept']} + dropped {dropped}")

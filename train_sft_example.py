@@ -5,12 +5,15 @@
     torchrun --nproc_per_node 4 train_sft_example.py --data_path PMC-VQA-Processed   # DDP, same script
     accelerate launch --config_file configs/accelerate/fsdp.yaml train_sft_example.py ...
 
+    python train_sft_example.py --data_path demo_outputs/processed --model_name_or_path demo_assets/tiny-r1-llama \
+        --output_dir demo_outputs/sft @configs/demo/train.args                   # a recipe file, then overrides
+
 Writes <output_dir>/checkpoint-*/, final_model/ (LoRA adapter + tokenizer + README), eval_results.json,
 training_summary.json and loss_curve.png. final_model/ and the JSON files appear only once complete.
-Loss is computed on the completion only (the labels preprocessing wrote); the best checkpoint by
-validation loss is the one saved as final_model/.
+Loss is computed on the completion only (the labels preprocessing wrote). At every evaluation a fixed
+validation subset is also answered with inference_example.py's option scorer (eval_accuracy): validation
+loss is mostly the fixed answer format, so the best checkpoint, saved as final_model/, is picked by accuracy.
 """
-import argparse
 import math
 import os
 import resource
@@ -18,13 +21,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import common
 from common import UsageError
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     arg = parser.add_argument
     arg("--data_path", default=common.PROCESSED_DIR,
         help="output of preprocess_pmc_vqa_for_sft.py (default: %(default)s)")
@@ -49,14 +53,24 @@ def make_parser():
              "default dynamic padding (no variable-length attention kernel there)")
     arg("--group_by_length", action="store_true", help="batch rows of similar length together (less padding)")
     arg("--gradient_checkpointing", action="store_true", help="trade compute for memory (non-reentrant)")
+    arg("--use_liger_kernel", action="store_true",
+        help="Liger's fused kernels (Trainer's own switch): the fused linear + cross-entropy never materialises the "
+             "[tokens, vocab] logits, the largest memory cost of the 8B's loss. Needs a CUDA GPU and "
+             "pip install liger-kernel")
     arg("--eval_steps", type=int, default=200, help="evaluate on validation every N steps (default: %(default)s)")
     arg("--save_steps", type=int, default=200, help="checkpoint every N steps, a multiple of --eval_steps "
                                                     "(default: %(default)s)")
     arg("--logging_steps", type=int, default=10, help="log the training loss every N steps (default: %(default)s)")
     arg("--resume_from_checkpoint", default=None,
         help="a checkpoint folder, or 'auto' for the latest complete one in --output_dir (default: start fresh)")
+    arg("--eval_accuracy_samples", type=int, default=200,
+        help="validation questions scored for accuracy at every evaluation (the first N of the split, the same "
+             "each time); 0 = loss only (default: %(default)s)")
+    arg("--metric_for_best_model", choices=["accuracy", "loss"], default=None,
+        help="which validation metric picks final_model/ and drives early stopping (default: accuracy when "
+             "--eval_accuracy_samples > 0, else loss)")
     arg("--early_stopping_patience", type=int, default=0,
-        help="stop after N evaluations without a better validation loss; 0 = never (default: %(default)s)")
+        help="stop after N evaluations without a better validation metric; 0 = never (default: %(default)s)")
     arg("--report_to", choices=["none", "tensorboard", "wandb"], default="none",
         help="where to stream metrics; tensorboard and wandb need their package installed (default: %(default)s)")
     arg("--seed", type=int, default=42, help="seed of LoRA init, dropout and data order (default: %(default)s)")
@@ -80,14 +94,29 @@ def parse_args(argv=None):
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_epochs <= 0 or (args.max_samples is not None and args.max_samples < 1):
         raise UsageError("--num_epochs and --max_samples must be positive")
+    if args.eval_accuracy_samples < 0:
+        raise UsageError(f"--eval_accuracy_samples must be 0 or more, got {args.eval_accuracy_samples}")
+    args.metric_for_best_model = args.metric_for_best_model or ("accuracy" if args.eval_accuracy_samples else "loss")
+    if args.metric_for_best_model == "accuracy" and not args.eval_accuracy_samples:
+        raise UsageError("--metric_for_best_model accuracy needs --eval_accuracy_samples > 0")
+    if args.use_liger_kernel:
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise UsageError("--use_liger_kernel needs liger-kernel: pip install liger-kernel (GPU only)")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--use_liger_kernel needs a CUDA GPU (its kernels are Triton); drop the flag on CPU")
     if args.save_steps % args.eval_steps:
         raise UsageError("--save_steps must be a multiple of --eval_steps (the best checkpoint is picked at "
                          "evaluations)")
     return args
 
 
-def load_processed_dataset(data_path, max_samples):
-    """train and validation splits with only the tensors the model needs; clear errors for anything else."""
+def load_processed_dataset(data_path, max_samples, accuracy_samples=0):
+    """train and validation splits with only the tensors the model needs, and the first accuracy_samples
+    validation questions as records for option scoring; clear errors for anything else."""
     hint = f"run: python preprocess_pmc_vqa_for_sft.py --output_dir {data_path}"
     if not (Path(data_path) / "dataset_dict.json").exists():
         raise UsageError(f"{data_path} is not a complete processed dataset (an interrupted or missing run); {hint}")
@@ -102,8 +131,11 @@ def load_processed_dataset(data_path, max_samples):
             split = split.select(range(min(max_samples, len(split))))
         if not len(split) or not any(t != -100 for labels in split["labels"] for t in labels):
             raise UsageError(f"the {name} split of {data_path} has no trainable tokens; {hint}")
-        splits[name] = split.select_columns(["input_ids", "attention_mask", "labels"])
-    return splits["train"], splits["validation"]
+        splits[name] = split
+    questions = splits["validation"].select(range(min(accuracy_samples, len(splits["validation"]))))
+    questions = questions.select_columns(["id", "question", "options", "answer_label"]).to_list()
+    tensors = ["input_ids", "attention_mask", "labels"]
+    return splits["train"].select_columns(tensors), splits["validation"].select_columns(tensors), questions
 
 
 def pick_precision():
@@ -143,29 +175,97 @@ def setup_model_and_tokenizer(args, dtype):
     return get_peft_model(model, lora), tokenizer
 
 
-def build_trainer(args, model, tokenizer, train, validation, precision):
-    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, EarlyStoppingCallback, Trainer,
-                              TrainingArguments)
+def scoring_trainer_class():
+    """Trainer whose every evaluation also answers a fixed set of validation questions with the option scorer
+    of inference_example.py (one implementation, imported): eval_accuracy and the most-predicted letter's share
+    join eval_loss before they are logged and before the best checkpoint is chosen. Neither TRL nor Trainer
+    offer accuracy by option scoring during SFT, hence this small subclass.
+    """
+    from transformers import Trainer
+
+    import inference_example
+
+    class ScoringTrainer(Trainer):
+        def __init__(self, *args, accuracy_questions=(), prompt_format=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.accuracy_questions, self.prompt_format = list(accuracy_questions), prompt_format
+            self.last_accuracy = None
+
+        def evaluation_loop(self, *args, **kwargs):
+            output = super().evaluation_loop(*args, **kwargs)
+            if self.accuracy_questions:
+                output.metrics.update(self.score_validation(kwargs.get("metric_key_prefix", "eval")))
+            return output
+
+        def score_validation(self, prefix):
+            # Every rank scores the same questions on its unwrapped model: no collective, so no deadlock,
+            # and every rank agrees on the best checkpoint.
+            start = time.time()
+            settings = SimpleNamespace(batch_size=self.args.per_device_eval_batch_size)
+            self.last_accuracy = inference_example.evaluate(self.model.eval(), self.processing_class,
+                                                            self.accuracy_questions, self.prompt_format, "score",
+                                                            settings)
+            seconds = time.time() - start
+            if self.is_world_process_zero():
+                summary = self.last_accuracy
+                print(f"step {self.state.global_step}: validation accuracy {summary['accuracy']:.3f} on "
+                      f"{summary['n']} questions (most predicted {summary['most_predicted_letter']} "
+                      f"{summary['most_predicted_share']:.0%}), scored in {seconds:.1f} s")
+            return {f"{prefix}_accuracy": self.last_accuracy["accuracy"],
+                    f"{prefix}_most_predicted_share": self.last_accuracy["most_predicted_share"],
+                    f"{prefix}_accuracy_seconds": seconds}
+
+    return ScoringTrainer
+
+
+def build_trainer(args, model, tokenizer, train, validation, precision, accuracy_questions=()):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, EarlyStoppingCallback, TrainingArguments
 
     if args.packing:
         collator = DataCollatorWithFlattening()  # one row of concatenated sequences + per-sequence position_ids
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    quantized = args.load_in_4bit or args.load_in_8bit
     training_args = TrainingArguments(
-        output_dir=args.output_dir, num_train_epochs=args.num_epochs, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0,
-        eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps,
-        save_total_limit=3, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        logging_steps=args.logging_steps, report_to=args.report_to, seed=args.seed, data_seed=args.seed,
+        output_dir=args.output_dir,
+        # schedule
+        num_train_epochs=args.num_epochs,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,  # a value below 1 is a fraction of the total steps: 3% warm-up
+        weight_decay=0.0,
+        seed=args.seed,
+        data_seed=args.seed,
+        # evaluation, saving, best model
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=3,
+        load_best_model_at_end=True,
+        metric_for_best_model=args.metric_for_best_model,  # "accuracy" or "loss": Trainer prefixes "eval_"
+        greater_is_better=args.metric_for_best_model == "accuracy",
+        # batching and memory
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        activation_checkpointing=args.gradient_checkpointing and not (args.load_in_4bit or args.load_in_8bit),
-        activation_checkpointing_kwargs={"use_reentrant": False}, include_num_input_tokens_seen="non_padding",
-        ddp_find_unused_parameters=False, remove_unused_columns=False, disable_tqdm=not sys.stderr.isatty(),
+        activation_checkpointing=args.gradient_checkpointing and not quantized,  # kbit prep already enabled it
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=args.use_liger_kernel,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        # logging and precision
+        logging_steps=args.logging_steps,
+        report_to=args.report_to,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=not sys.stderr.isatty(),
         **precision)
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
-    return Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
-                   data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    return scoring_trainer_class()(
+        model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collator,
+        processing_class=tokenizer, callbacks=callbacks, accuracy_questions=accuracy_questions,
+        prompt_format=common.PromptFormat.from_processed(args.data_path, tokenizer))
 
 
 def resolve_checkpoint(resume, output_dir):
@@ -196,7 +296,13 @@ def plot_loss_curve(log_history, path):
         if points:
             ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
     ax.set(xlabel="step", ylabel="loss (completion tokens)", title="PMC-VQA SFT")
-    ax.legend()
+    accuracy = [(entry["step"], entry["eval_accuracy"]) for entry in log_history if "eval_accuracy" in entry]
+    if accuracy:
+        right = ax.twinx()
+        right.plot(*zip(*accuracy), marker="s", color="tab:green", label="validation accuracy")
+        right.set(ylabel="validation accuracy", ylim=(0, 1))
+        right.legend(loc="upper right")
+    ax.legend(loc="upper left")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -233,11 +339,18 @@ def peak_memory_gb():
 
 
 def final_metrics(trainer, result, train_seconds, dtype):
-    """What eval_results.json reports; the validation loss is the best checkpoint's (restored at the end)."""
-    eval_loss = trainer.evaluate()["eval_loss"]
+    """What eval_results.json reports; the validation metrics are the best checkpoint's (restored at the end)."""
+    evaluation = trainer.evaluate()
+    eval_loss = evaluation["eval_loss"]
     tokens = int(trainer.state.num_input_tokens_seen)
-    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)), "train_loss": result.training_loss,
-            "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
+    accuracy = trainer.last_accuracy
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)),
+            "eval_accuracy": evaluation.get("eval_accuracy"),
+            "most_predicted_letter": accuracy and accuracy["most_predicted_letter"],
+            "most_predicted_share": accuracy and accuracy["most_predicted_share"],
+            "collapse_warning": accuracy and accuracy["collapse_warning"],
+            "best_model_metric": trainer.args.metric_for_best_model, "best_metric": trainer.state.best_metric,
+            "train_loss": result.training_loss, "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
             "best_checkpoint": trainer.state.best_model_checkpoint, "tokens_seen": tokens,
             "tokens_per_second": tokens / train_seconds, "train_seconds": train_seconds,
             "world_size": trainer.args.world_size, "device": str(trainer.args.device), "dtype": str(dtype),
@@ -250,8 +363,12 @@ def write_reports(trainer, args, metrics):
     common.write_json_atomic(output / "training_summary.json",
                              {"args": vars(args), "metrics": metrics, "log_history": trainer.state.log_history})
     common.write_json_atomic(output / "eval_results.json", metrics)
-    print(f"validation loss {metrics['eval_loss']:.4f} (perplexity {metrics['perplexity']:.3f}), "
+    accuracy = f", accuracy {metrics['eval_accuracy']:.3f}" if metrics["eval_accuracy"] is not None else ""
+    print(f"validation loss {metrics['eval_loss']:.4f} (perplexity {metrics['perplexity']:.3f}){accuracy}; "
+          f"final_model/ is the best checkpoint by {metrics['best_model_metric']} ({metrics['best_metric']:.4f}); "
           f"{metrics['steps']} steps, {metrics['tokens_per_second']:.0f} tokens/s")
+    if metrics["collapse_warning"]:
+        print(f"WARNING: validation answers {metrics['collapse_warning']}")
     print(f"wrote {output}/final_model, eval_results.json, training_summary.json, loss_curve.png")
     print(f"next: python inference_example.py --evaluate --model_name_or_path {args.model_name_or_path} "
           f"--adapter_path {output / 'final_model'} --data_path {args.data_path}")
@@ -259,14 +376,15 @@ def write_reports(trainer, args, metrics):
 
 def main(argv=None):
     args = parse_args(argv)
-    train, validation = load_processed_dataset(args.data_path, args.max_samples)
+    train, validation, accuracy_questions = load_processed_dataset(args.data_path, args.max_samples,
+                                                                   args.eval_accuracy_samples)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     from transformers import set_seed
 
     set_seed(args.seed)
     dtype, precision = pick_precision()
     model, tokenizer = setup_model_and_tokenizer(args, dtype)
-    trainer = build_trainer(args, model, tokenizer, train, validation, precision)
+    trainer = build_trainer(args, model, tokenizer, train, validation, precision, accuracy_questions)
     world = trainer.args.world_size
     trainable, total = model.get_nb_trainable_parameters()
     if trainer.is_world_process_zero():

@@ -2,10 +2,9 @@
 
     python bench/bench_demo_seeds.py              # seeds 0 1 2, the full demo data (about 2 minutes a seed)
 
-Uses the training flags of `make demo` (read from the Makefile, so the two cannot drift) and the full
-held-out test split. Pass: score >= 80% and greedy generate >= 70% for every seed.
+Uses the recipe files of `make demo` (configs/demo/*.args, so the two cannot drift) and the full held-out
+test split. Pass: score >= 80% and greedy generate >= 70% for every seed.
 """
-import argparse
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import build_demo_assets as bda  # noqa: E402
+import common  # noqa: E402
 
 
 def run(*args):
@@ -22,19 +22,19 @@ def run(*args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: %(default)s)")
     args = parser.parse_args()
     data_dir, model_dir = bda.build_all(bda.DEMO_DIR)
     work = ROOT / "bench" / "results" / "demo_seeds"
     processed = work / "processed"
     run("preprocess_pmc_vqa_for_sft.py", "--data_path", data_dir, "--model_name_or_path", model_dir,
-        "--output_dir", processed, *bda.demo_flags("DEMO_DATA_FLAGS"))
+        "--output_dir", processed, bda.DEMO_RECIPES["preprocess"])
     rows = []
     for seed in args.seeds:
         out = work / f"seed{seed}"
         run("train_sft_example.py", "--data_path", processed, "--model_name_or_path", model_dir, "--output_dir", out,
-            *bda.demo_flags("DEMO_TRAIN_FLAGS"), "--seed", seed)
+            bda.DEMO_RECIPES["train"], "--seed", seed)
         run("inference_example.py", "--evaluate", "--method", "both", "--compare_base", "--model_name_or_path",
             model_dir, "--adapter_path", out / "final_model", "--data_path", processed)
         results = json.loads((out / "final_model" / "evaluation_results.json").read_text())["results"]

@@ -1,10 +1,13 @@
-"""Evaluation throughput on the tiny model: score vs batched generate vs one-at-a-time generate.
+"""Evaluation throughput, side by side in one run: option scoring the naive way (every question's prompt fed
+once per option, a float32 log-softmax over [rows, positions, vocab]) vs shared-prompt scoring, the letter
+scorer, and batched generation.
 
-    python bench/bench_inference.py                   # 96 test questions of the demo data
+    python bench/bench_inference.py                    # the tiny demo model, 96 test questions
+    python bench/bench_inference.py --model real       # SmolLM2-135M-Instruct (make real-model), 49k vocab
 
-Uses the demo's fine-tuned adapter when `make demo` has run (demo_outputs/sft/final_model), else the base.
+The base model is measured (no adapter): speed does not depend on what LoRA learned. score_options_naive is
+also the reference that tests/test_inference.py holds the shared-prompt scorer to (1e-4).
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -12,38 +15,79 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import build_demo_assets as bda  # noqa: E402
+import common  # noqa: E402
 import inference_example as inference  # noqa: E402
-import preprocess_pmc_vqa_for_sft as preprocess  # noqa: E402
+from common import LETTERS  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def score_options_naive(model, tokenizer, batch, prompt_format):
+    """The scorer before shared prompts: prompt + option as one full row per option, right-padded."""
+    import torch
+
+    rows, spans = [], []
+    for item in batch:
+        prompt = prompt_format.prompt_ids(tokenizer, item["question"], item["options"])
+        for letter in LETTERS[:len(item["options"])]:
+            ids = tokenizer(prompt_format.completion(letter, item["options"]),
+                            add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append(prompt + ids)
+            spans.append((len(prompt), len(prompt) + len(ids)))
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, device=model.device)
+    attention = torch.zeros((len(rows), width), dtype=torch.long, device=model.device)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row, device=model.device)
+        attention[i, :len(row)] = 1
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), -1)
+    scores = [logprobs[i, start - 1:end - 1].gather(-1, input_ids[i, start:end, None]).sum().item()
+              for i, (start, end) in enumerate(spans)]
+    outputs, k = [], 0
+    for item in batch:
+        option_scores = dict(zip(LETTERS, scores[k:k + len(item["options"])]))
+        k += len(item["options"])
+        outputs.append({"predicted": max(option_scores, key=option_scores.get), "option_scores": option_scores})
+    return outputs
+
+
+def make_parser():
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--model", choices=["tiny", "real"], default="tiny", help="which model (default: %(default)s)")
     parser.add_argument("--num_samples", type=int, default=96, help="questions (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=16, help="questions per batch (default: %(default)s)")
-    args = parser.parse_args()
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="generation budget (default: %(default)s)")
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     data_dir, model_dir = bda.build_all(bda.DEMO_DIR)
-    processed, adapter = ROOT / "demo_outputs" / "processed", ROOT / "demo_outputs" / "sft" / "final_model"
+    if args.model == "real":
+        model_dir = bda.build_real_model(bda.DEMO_DIR)
+    processed = ROOT / "bench" / "results" / f"inference_data_{args.model}"
     if not (processed / "dataset_dict.json").exists():
-        processed = ROOT / "bench" / "results" / "inference_data"
+        import preprocess_pmc_vqa_for_sft as preprocess
+
         preprocess.main(["--data_path", str(data_dir), "--model_name_or_path", str(model_dir), "--output_dir",
-                         str(processed), "--add_reasoning"])
-    flags = ["--model_name_or_path", str(model_dir), "--data_path", str(processed), "--num_samples",
-             str(args.num_samples), "--max_new_tokens", "48"]
-    flags += ["--adapter_path", str(adapter)] if (adapter / "adapter_config.json").exists() else ["--no_adapter"]
+                         str(processed)])
+    run_args = inference.parse_args(["--model_name_or_path", str(model_dir), "--no_adapter", "--data_path",
+                                     str(processed), "--num_samples", str(args.num_samples), "--batch_size",
+                                     str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens)])
+    model, tokenizer = inference.load_model(run_args)
+    prompt_format = common.PromptFormat.from_processed(processed, tokenizer)
+    questions = inference.load_eval_questions(run_args)
+    inference.METHODS["score (naive)"] = score_options_naive  # the old scorer, run by the same loop
     runs = {}
-    for name, method, batch_size in (("score", "score", args.batch_size),
-                                     ("generate, batched", "generate", args.batch_size),
-                                     ("generate, one at a time", "generate", 1)):
-        run_args = inference.parse_args(flags + ["--batch_size", str(batch_size)])
-        model, tokenizer = inference.load_model(run_args)
-        questions, config = inference.load_eval_questions(run_args)
+    for method in ("score (naive)", "score", "letter", "generate"):
         start = time.time()
-        result = inference.evaluate(model, tokenizer, questions, config, method, run_args)
-        runs[name] = (len(questions) / (time.time() - start), result["accuracy"])
-    slowest = runs["generate, one at a time"][0]
-    print(f"{'method':26}{'questions/s':>13}{'vs one-at-a-time':>18}{'accuracy':>10}")
+        result = inference.evaluate(model, tokenizer, questions, prompt_format, method, run_args)
+        runs[method] = (len(questions) / (time.time() - start), result["accuracy"])
+    naive = runs["score (naive)"][0]
+    print(f"model {args.model} ({model_dir.name}, vocab {len(tokenizer):,}), {len(questions)} questions, "
+          f"batch {args.batch_size}, generate budget {args.max_new_tokens} tokens")
+    print(f"{'method':22}{'questions/s':>13}{'vs naive score':>16}{'accuracy':>10}")
     for name, (rate, accuracy) in runs.items():
-        print(f"{name:26}{rate:>13.1f}{rate / slowest:>17.1f}x{accuracy:>10.3f}")
+        print(f"{name:22}{rate:>13.2f}{rate / naive:>15.2f}x{accuracy:>10.3f}")
 
 
 if __name__ == "__main__":

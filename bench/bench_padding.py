@@ -27,7 +27,7 @@ def measure(strategy, processed, model_dir, steps, batch_size):
     args = train.parse_args(["--data_path", str(processed), "--model_name_or_path", str(model_dir), "--output_dir",
                              str(ROOT / "bench" / "results" / "padding"), "--batch_size", str(batch_size),
                              "--grad_accum", "1", *flags])
-    train_rows, validation = train.load_processed_dataset(processed, steps * batch_size)
+    train_rows, validation, _ = train.load_processed_dataset(processed, steps * batch_size)
     model, tokenizer = train.setup_model_and_tokenizer(args, torch.float32)
     trainer = train.build_trainer(args, model, tokenizer, train_rows, validation, {"use_cpu": True})
     if strategy == "pad_to_2048":

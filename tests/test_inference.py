@@ -1,10 +1,13 @@
-"""Inference and evaluation: the parser, the interval, both methods, batched == sequential, the report."""
+"""Inference and evaluation: the parser, the interval, the paired statistics, the three methods (shared-prompt
+scoring == the naive reference, letters, generation with a thinking budget and votes), the report."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
 import common
 import inference_example as inference
+from bench.bench_inference import score_options_naive
 from conftest import run_script
 
 OPTIONS = ["Liver", "Spleen", "Kidney", "Lung"]
@@ -51,14 +54,64 @@ def test_wilson_interval_matches_the_textbook_value():
     assert inference.wilson_interval(0, 20)[0] == 0.0 and inference.wilson_interval(20, 20)[1] == 1.0
 
 
-def test_summary_counts_parse_failures_and_the_majority_baseline():
-    records = [{"gold": g, "predicted": p, "correct": g == p, "options": OPTIONS}
-               for g, p in [("C", "C"), ("C", None), ("A", "B"), ("C", "C")]]
+def generated(gold, *samples):
+    """A generate record: samples are (predicted letter, status)."""
+    votes = [p for p, _ in samples if p]
+    predicted = max(votes, key=votes.count) if votes else None
+    return {"gold": gold, "predicted": predicted, "correct": predicted == gold, "options": OPTIONS,
+            "samples": [{"predicted": p, "status": status, "tokens": 10} for p, status in samples]}
+
+
+def test_summary_counts_unparsed_and_budget_exhausted_apart_and_the_majority_baseline():
+    records = [generated("C", ("C", "answered")), generated("C", (None, "unparsed")),
+               generated("A", ("B", "answered")), generated("C", (None, "no_answer_within_budget"))]
     summary = inference.summarize(records, seconds=2.0)
-    assert summary["accuracy"] == 0.5 and summary["parse_failures"] == 1
+    assert summary["accuracy"] == 0.25 and summary["parse_failures"] == 1
+    assert summary["no_answer_within_budget"] == 1 and summary["no_answer_within_budget_rate"] == 0.25
     assert summary["majority_letter"] == "C" and summary["majority_letter_baseline"] == 0.75
     assert summary["chance_baseline"] == 0.25 and summary["questions_per_second"] == 2.0
-    assert summary["confusion"]["C"]["unparsed"] == 1 and summary["confusion"]["A"]["B"] == 1
+    assert summary["confusion"]["C"]["unparsed"] == 2 and summary["confusion"]["A"]["B"] == 1
+
+
+def test_a_think_block_never_closed_is_no_answer_not_a_parse_failure():
+    r1, chatml = common.PromptFormat(thinks=True), common.PromptFormat(thinks=False)
+    assert r1.answer_part("Hmm, the spleen looks enlarged, so B? Let me check") is None
+    assert r1.parse("Hmm, B looks likely. Answer: B", OPTIONS) is None  # still thinking: nothing after </think>
+    assert r1.parse("B looks wrong.\n</think>\n\nAnswer: C. Kidney", OPTIONS) == "C"
+    assert chatml.parse("Answer: C. Kidney", OPTIONS) == "C"
+
+
+def test_votes_over_samples_and_mean_per_sample_accuracy():
+    records = [generated("C", ("C", "answered"), ("C", "answered"), ("A", "answered")),
+               generated("B", ("A", "answered"), (None, "unparsed"), ("B", "answered"))]
+    summary = inference.summarize(records, seconds=1.0)
+    assert [r["predicted"] for r in records] == ["C", "A"]  # ties go to the answer seen first
+    assert summary["accuracy"] == 0.5 and summary["mean_sample_accuracy"] == pytest.approx(3 / 6)
+    assert summary["parse_failures"] == 1 and summary["parse_failure_rate"] == pytest.approx(1 / 6)
+
+
+def test_collapse_to_one_letter_is_flagged():
+    records = [{"gold": g, "predicted": "B", "correct": g == "B", "options": OPTIONS} for g in "ABCDABCDAB"]
+    summary = inference.summarize(records, seconds=1.0)
+    assert summary["most_predicted_letter"] == "B" and summary["most_predicted_share"] == 1.0
+    assert "collapsed" in summary["collapse_warning"]
+    healthy = [{**r, "predicted": r["gold"], "correct": True} for r in records]
+    assert inference.summarize(healthy, seconds=1.0)["collapse_warning"] is None
+
+
+def test_paired_comparison_matches_a_hand_computed_case():
+    # 20 questions: both right on 8, only the fine-tune on 7, only the base on 1, both wrong on 4.
+    pattern = [(1, 1)] * 8 + [(1, 0)] * 7 + [(0, 1)] * 1 + [(0, 0)] * 4
+    tuned = {"records": [{"id": i, "correct": bool(t)} for i, (t, _) in enumerate(pattern)]}
+    base = {"records": [{"id": i, "correct": bool(b)} for i, (_, b) in enumerate(pattern)]}
+    paired = inference.paired_comparison(tuned, base)
+    assert paired["accuracy_difference"] == pytest.approx((15 - 9) / 20)
+    assert (paired["only_fine_tuned_correct"], paired["only_base_correct"]) == (7, 1)
+    # exact McNemar: 2 * P(X <= 1), X ~ Binomial(8, 1/2) = 2 * (1 + 8) / 256
+    assert paired["mcnemar_exact_p"] == pytest.approx(18 / 256)
+    low, high = paired["bootstrap_ci95"]
+    assert 0.0 < low < 0.3 < high < 0.6  # the mean difference of a 20-pair sample: +0.30, sd ~0.11
+
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +119,7 @@ def adapter(tmp_path_factory, small_processed, model_dir):
     out = tmp_path_factory.mktemp("sft")
     result = run_script("train_sft_example.py", "--data_path", small_processed, "--model_name_or_path", model_dir,
                         "--output_dir", out, "--max_samples", 32, "--batch_size", 8, "--grad_accum", 1,
-                        "--learning_rate", 3e-3, "--eval_steps", 2, "--save_steps", 2)
+                        "--learning_rate", 3e-3, "--eval_steps", 2, "--save_steps", 2, "--eval_accuracy_samples", 8)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "final_model"
 
@@ -76,47 +129,97 @@ def loaded(adapter, model_dir, small_processed):
     args = inference.parse_args(["--model_name_or_path", str(model_dir), "--adapter_path", str(adapter),
                                  "--data_path", str(small_processed), "--max_new_tokens", "24"])
     model, tokenizer = inference.load_model(args)
-    questions, config = inference.load_eval_questions(args)
-    return model, tokenizer, questions, config, args
+    questions = inference.load_eval_questions(args)
+    return model, tokenizer, questions, common.PromptFormat.from_processed(small_processed, tokenizer), args
 
 
 def test_batched_generation_equals_one_by_one_under_greedy(loaded):
-    model, tokenizer, questions, config, args = loaded
+    model, tokenizer, questions, prompt_format, args = loaded
     # Prompts of different lengths, so left padding really happens.
     by_length = sorted(questions, key=lambda q: len(q["question"]))
     batch = by_length[:3] + by_length[-3:]
-    batched = inference.generate_answers(model, tokenizer, batch, config, args)
-    one_by_one = [inference.generate_answers(model, tokenizer, [q], config, args)[0] for q in batch]
+    batched = inference.generate_answers(model, tokenizer, batch, prompt_format, args)
+    one_by_one = [inference.generate_answers(model, tokenizer, [q], prompt_format, args)[0] for q in batch]
     assert batched == one_by_one
 
 
-def test_score_is_batch_independent_and_picks_the_best_option(loaded):
-    model, tokenizer, questions, config, _ = loaded
+def test_shared_prompt_scores_equal_the_naive_full_rows(loaded):
+    model, tokenizer, questions, prompt_format, _ = loaded
+    shared = inference.score_options(model, tokenizer, questions, prompt_format)
+    naive = score_options_naive(model, tokenizer, questions, prompt_format)
+    assert len(shared) == len(naive) == len(questions)
+    for new, old in zip(shared, naive):
+        assert new["option_scores"] == pytest.approx(old["option_scores"], abs=1e-4)
+        assert new["predicted"] == old["predicted"] == max(new["option_scores"], key=new["option_scores"].get)
+
+
+def test_scores_do_not_depend_on_the_batch(loaded):
+    model, tokenizer, questions, prompt_format, _ = loaded
     batch = questions[:5]
-    together = inference.score_options(model, tokenizer, batch, config)
-    alone = [inference.score_options(model, tokenizer, [q], config)[0] for q in batch]
-    for (letter, raw), (letter_alone, raw_alone) in zip(together, alone):
-        scores, scores_alone = json.loads(raw), json.loads(raw_alone)
-        assert letter == letter_alone == max(scores, key=scores.get)
-        assert scores == pytest.approx(scores_alone, abs=1e-3)
+    for method in (inference.score_options, inference.score_letters):
+        together = method(model, tokenizer, batch, prompt_format)
+        alone = [method(model, tokenizer, [q], prompt_format)[0] for q in batch]
+        for a, b in zip(together, alone):
+            assert a["predicted"] == b["predicted"]
+            assert a["option_scores"] == pytest.approx(b["option_scores"], abs=1e-4)
+
+
+def test_letter_scorer_reads_the_letter_distribution_after_the_answer_head(loaded):
+    import torch
+
+    model, tokenizer, questions, prompt_format, _ = loaded
+    question = questions[0]
+    [result] = inference.score_letters(model, tokenizer, [question], prompt_format)
+    # the reference: the full next-token distribution after prompt + "...Answer:", by hand
+    head, letter_ids = inference.letter_token_ids(tokenizer, prompt_format)
+    ids = prompt_format.prompt_ids(tokenizer, question["question"], question["options"]) + head
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+    assert [tokenizer.decode([i]) for i in letter_ids] == [" A", " B", " C", " D"]
+    assert list(result["option_scores"].values()) == pytest.approx(logprobs[letter_ids].tolist(), abs=1e-4)
+    assert result["predicted"] == "ABCD"[int(logprobs[letter_ids].argmax())]
+
+
+def test_sampled_votes_run_k_samples_per_question(loaded):
+    model, tokenizer, questions, prompt_format, args = loaded
+    sampling = SimpleNamespace(**{**vars(args), "temperature": 0.6, "num_return_sequences": 3})
+    answers = inference.generate_answers(model, tokenizer, questions[:2], prompt_format, sampling)
+    for answer in answers:
+        assert len(answer["samples"]) == 3
+        votes = [s["predicted"] for s in answer["samples"] if s["predicted"]]
+        assert answer["predicted"] == (max(votes, key=votes.count) if votes else None)
+        assert all(0 < s["tokens"] <= 24 for s in answer["samples"])
 
 
 def test_evaluate_writes_the_documented_report(adapter, model_dir, small_processed, tmp_path):
+    import pandas as pd
+
     output = tmp_path / "eval.json"
-    result = run_script("inference_example.py", "--evaluate", "--method", "both", "--compare_base",
+    result = run_script("inference_example.py", "--evaluate", "--method", "all", "--compare_base",
                         "--num_samples", 8, "--max_new_tokens", 24, "--model_name_or_path", model_dir,
                         "--adapter_path", adapter, "--data_path", small_processed, "--output_file", output)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
-    assert set(report["results"]) == {"fine_tuned/score", "fine_tuned/generate", "base/score", "base/generate"}
+    methods = ("score", "letter", "generate")
+    assert set(report["results"]) == {f"{m}/{method}" for m in ("fine_tuned", "base") for method in methods}
     for name, r in report["results"].items():
-        assert {"n", "accuracy", "ci95", "parse_failure_rate", "confusion", "chance_baseline",
-                "majority_letter_baseline", "questions_per_second", "records"} <= set(r)
+        assert {"n", "accuracy", "ci95", "parse_failure_rate", "no_answer_within_budget_rate", "confusion",
+                "chance_baseline", "majority_letter_baseline", "collapse_warning", "prediction_distribution",
+                "questions_per_second", "records"} <= set(r)
         assert r["n"] == len(r["records"]) == 8
-        assert set(r["records"][0]) == {"id", "question", "options", "gold", "predicted", "raw_output", "correct"}
-        if name.endswith("score"):
-            assert r["parse_failures"] == 0
-    assert "fine_tuned/score" in result.stdout  # the printed table
+        assert set(r["records"][0]) == {"id", "question", "options", "gold", "predicted", "correct",
+                                        "option_scores", "samples"}
+        if name.endswith("generate"):
+            assert r["records"][0]["option_scores"] is None and "text" in r["records"][0]["samples"][0]
+        else:
+            assert r["parse_failures"] == 0 and set(r["records"][0]["option_scores"]) == set("ABCD")
+        flat = pd.json_normalize(r["records"])
+        assert len(flat) == 8 and ("option_scores.A" in flat.columns) == (not name.endswith("generate"))
+    assert set(report["paired"]) == set(methods)
+    assert set(report["paired"]["score"]) >= {"accuracy_difference", "bootstrap_ci95", "mcnemar_exact_p"}
+    assert report["agreement"]["fine_tuned"]["score"]["score"] == 1.0
+    assert report["prompt_format"] == {"include_choices": True, "add_reasoning": False, "thinks": True}
+    assert "fine_tuned/letter" in result.stdout and "McNemar" in result.stdout  # the printed table
 
 
 def test_single_question_and_demo_modes_answer(adapter, model_dir, small_processed):

@@ -1,16 +1,13 @@
-"""Preprocessing: the format invariants of DESIGN.md section 3, both schemas, every dirty-row kind."""
-import csv
+"""Preprocessing: the format invariants (PMC_VQA_PREPROCESSING_README.md, "The format"), both schemas,
+every dirty-row kind, splits that cannot be carved."""
 import json
 
 import pytest
 
 import common
-import inference_example
-import preprocess_pmc_vqa_for_sft as preprocess
 import test_preprocessing
-from conftest import run_script
+from conftest import V1, preprocess, run_script, v1_row, write_csv
 
-V1 = preprocess.V1_COLUMNS
 V2 = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer", "split"]
 
 
@@ -20,30 +17,24 @@ def load(path):
     return load_from_disk(str(path)), json.loads((path / "preprocessing_stats.json").read_text())
 
 
-def write_csv(path, header, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([header, *rows])
-    return path
-
-
-def v1_row(i, label="B", answer=None, b=" B:Spleen ", figure=None):
-    options = {"A": "Liver", "B": "Spleen", "C": "Kidney", "D": "Lung"}
-    return [figure or f"PMC{i}_F1.png", f" Which organ is marked {i}? ", answer or options.get(label, "Spleen"),
-            " A:Liver ", b, " C: Kidney", "D:\u00a0Lung ", label]
+def assert_invariants(splits, tokenizer, data_path):
+    prompt_format = common.PromptFormat.from_processed(data_path, tokenizer)
+    for split in splits.values():
+        for row in split:
+            assert test_preprocessing.check_row(row, tokenizer, prompt_format) == []
 
 
 def test_every_row_keeps_the_invariants(processed, tokenizer):
-    splits, stats = load(processed)
+    splits, _ = load(processed)
     assert set(splits) == {"train", "validation", "test"}
-    for split in splits.values():
-        for row in split:
-            assert test_preprocessing.check_row(row, tokenizer, stats["config"]) == []
+    assert_invariants(splits, tokenizer, processed)
 
 
 def test_prompt_ids_equal_the_inference_scripts_ids_token_for_token(processed, tokenizer):
-    splits, stats = load(processed)
+    splits, _ = load(processed)
     row = splits["test"][0]
-    ids = inference_example.prompt_token_ids(tokenizer, row["question"], row["options"], stats["config"])
+    ids = common.PromptFormat.from_processed(processed, tokenizer).prompt_ids(tokenizer, row["question"],
+                                                                             row["options"])
     assert row["input_ids"][:len(ids)] == ids
     assert row["labels"][:len(ids)] == [-100] * len(ids)
     assert row["labels"][len(ids):] == row["input_ids"][len(ids):]
@@ -57,26 +48,22 @@ def test_prompt_ids_equal_the_inference_scripts_ids_token_for_token(processed, t
 def test_reasoning_survives_because_the_completion_is_appended_as_text(tmp_path, data_dir, model_dir, tokenizer,
                                                                        add_reasoning):
     out = tmp_path / "p"
-    preprocess.main(["--data_path", str(data_dir), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-                     "--sample_size", "20", "--num_proc", "1"] + (["--add_reasoning"] if add_reasoning else []))
-    splits, stats = load(out)
+    splits, stats = preprocess(data_dir, model_dir, out, "--sample_size", 20,
+                               *(["--add_reasoning"] if add_reasoning else []))
     assert stats["config"]["add_reasoning"] == add_reasoning
     for row in splits["train"]:
         trained = tokenizer.decode([t for t in row["labels"] if t != -100])
         option = row["options"]["ABCD".index(row["answer_label"])]
         assert trained.endswith(f"Answer: {row['answer_label']}. {option}{tokenizer.eos_token}")
         assert trained.startswith(f"The findings point to {option}.") == add_reasoning
-        assert test_preprocessing.check_row(row, tokenizer, stats["config"]) == []
+    assert_invariants(splits, tokenizer, out)
 
 
 def test_no_choices_mode_still_parses_back_to_gold(tmp_path, data_dir, model_dir, tokenizer):
     out = tmp_path / "p"
-    preprocess.main(["--data_path", str(data_dir), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-                     "--sample_size", "20", "--num_proc", "1", "--no_include_choices"])
-    splits, stats = load(out)
-    for row in splits["train"]:
-        assert "Options:" not in row["prompt"]
-        assert test_preprocessing.check_row(row, tokenizer, stats["config"]) == []
+    splits, _ = preprocess(data_dir, model_dir, out, "--sample_size", 20, "--no_include_choices")
+    assert not any("Options:" in row["prompt"] for row in splits["train"])
+    assert_invariants(splits, tokenizer, out)
 
 
 def test_stats_account_for_every_row_and_dirty_rows_are_dropped_by_reason(processed):
@@ -115,11 +102,8 @@ def test_validation_is_grouped_by_figure(processed):
 ])
 def test_each_dirty_row_kind_is_dropped_and_counted(tmp_path, model_dir, row, reason):
     clean = [v1_row(i) for i in range(40)]
-    path = write_csv(tmp_path / "train.csv", V1, clean + [row])
-    out = tmp_path / "out"
-    preprocess.main(["--data_path", str(path), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-                     "--num_proc", "1"])
-    _, stats = load(out)
+    path = write_csv(tmp_path / "train.csv", clean + [row])
+    _, stats = preprocess(path, model_dir, tmp_path / "out")
     assert stats["rows_dropped"] == {reason: 1}
     assert stats["rows_read"] == 41 and stats["rows_kept"] == 40
 
@@ -128,31 +112,23 @@ def test_v2_schema_is_detected_from_the_header_and_mapped_to_one_gold_letter(tmp
     rows = [[i, f"fig{i}.jpg", "a caption", f" What colour is {i}? ", " A: Green ", " B: Red", "C:\u00a0Blue ",
              " D: Yellow", "CBAD"[i % 4], "train"] for i in range(30)]
     rows.append([99, "fig99.jpg", "c", "Q?", "A:x", "B:y", "C:z", "D:w", "'", "train"])
-    write_csv(tmp_path / "train_2.csv", V2, rows)
-    write_csv(tmp_path / "test_2.csv", V2, rows[:8])
-    out = tmp_path / "out"
-    preprocess.main(["--data_path", str(tmp_path), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-                     "--num_proc", "1"])
-    splits, stats = load(out)
+    write_csv(tmp_path / "train_2.csv", rows, header=V2)
+    write_csv(tmp_path / "test_2.csv", rows[:8], header=V2)
+    splits, stats = preprocess(tmp_path, model_dir, tmp_path / "out")
     assert stats["rows_read"] == 39 and stats["rows_dropped"] == {"answer_label_not_a_to_d": 1}
     assert len(splits["test"]) == 8
     row = splits["test"][0]
     assert row["options"] == ["Green", "Red", "Blue", "Yellow"] and row["answer_label"] == "C"
     assert row["question"] == "What colour is 0?"
     assert row["completion"].endswith("Answer: C. Blue")
-    for split in splits.values():
-        for r in split:
-            assert test_preprocessing.check_row(r, tokenizer, stats["config"]) == []
+    assert_invariants(splits, tokenizer, tmp_path / "out")
 
 
 def test_over_long_rows_are_dropped_never_cut(tmp_path, model_dir, tokenizer):
     rows = [v1_row(i) for i in range(20)]
     rows[3][1] = " Which organ " + "is really " * 200 + "marked? "
-    path = write_csv(tmp_path / "train.csv", V1, rows)
-    out = tmp_path / "out"
-    preprocess.main(["--data_path", str(path), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-                     "--num_proc", "1", "--max_length", "200"])
-    splits, stats = load(out)
+    path = write_csv(tmp_path / "train.csv", rows)
+    splits, stats = preprocess(path, model_dir, tmp_path / "out", "--max_length", 200)
     assert stats["rows_dropped"] == {"longer_than_max_length": 1}
     for split in splits.values():
         for row in split:
@@ -164,10 +140,7 @@ def test_saved_hf_dataset_is_accepted(tmp_path, model_dir):
 
     frame = {name: [row[i] for row in (v1_row(j) for j in range(30))] for i, name in enumerate(V1)}
     DatasetDict({"train": Dataset.from_dict(frame), "test": Dataset.from_dict(frame)}).save_to_disk(tmp_path / "hf")
-    out = tmp_path / "out"
-    preprocess.main(["--data_path", str(tmp_path / "hf"), "--model_name_or_path", str(model_dir),
-                     "--output_dir", str(out), "--num_proc", "1"])
-    _, stats = load(out)
+    _, stats = preprocess(tmp_path / "hf", model_dir, tmp_path / "out")
     assert stats["splits"]["test"] == 30 and stats["rows_read"] == 60
 
 
@@ -177,7 +150,31 @@ def test_self_check_script_passes_on_the_demo_data(data_dir, model_dir):
     assert "[[" in result.stdout and "OK: " in result.stdout
 
 
-def test_parser_reads_back_every_completion_shape():
-    for reasoning in (False, True):
-        completion = common.build_completion("C", ["Liver", "Spleen", "Kidney", "Lung"], add_reasoning=reasoning)
-        assert common.parse_answer_letter(completion, ["Liver", "Spleen", "Kidney", "Lung"]) == "C"
+@pytest.mark.parametrize("thinks", [True, False])
+@pytest.mark.parametrize("include_choices", [True, False])
+@pytest.mark.parametrize("add_reasoning", [True, False])
+def test_parser_reads_back_every_completion_shape(thinks, include_choices, add_reasoning):
+    prompt_format = common.PromptFormat(include_choices, add_reasoning, thinks)
+    options = ["Liver", "Spleen", "Kidney", "Lung"]
+    completion = prompt_format.completion("C", options)
+    assert ("</think>" in completion) == thinks
+    assert prompt_format.parse(completion, options) == "C"
+
+
+def test_a_single_csv_with_too_few_figures_is_one_clear_line(tmp_path, model_dir):
+    path = write_csv(tmp_path / "one.csv", [v1_row(i, figure="PMC1_F1.png") for i in range(5)] +
+                     [v1_row(i, figure="PMC2_F1.png") for i in range(5, 9)])
+    result = run_script("preprocess_pmc_vqa_for_sft.py", "--data_path", path, "--model_name_or_path", model_dir,
+                        "--output_dir", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "no usable rows left for the train split" in result.stderr and "at least 3 figures" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_single_csv_with_three_figures_gets_all_three_splits(tmp_path, model_dir):
+    rows = [v1_row(i, figure=f"PMC{i % 3}_F1.png") for i in range(9)]
+    splits, stats = preprocess(write_csv(tmp_path / "one.csv", rows), model_dir, tmp_path / "out")
+    assert stats["splits"] == {"train": 3, "test": 3, "validation": 3}
+    figures = [set(split["figure_path"]) for split in splits.values()]
+    assert all(len(f) == 1 for f in figures) and len(set.union(*figures)) == 3

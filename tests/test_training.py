@@ -1,4 +1,5 @@
-"""Training: loss only on answers, packing without cross-talk, 4-bit, DDP on CPU, resume, outputs, errors."""
+"""Training: loss only on answers, packing without cross-talk, accuracy picks the checkpoint, 4-bit, DDP on CPU,
+resume, outputs, errors."""
 import json
 import shutil
 import signal
@@ -9,7 +10,7 @@ import time
 import pytest
 
 import train_sft_example as train
-from conftest import ROOT, run_script
+from conftest import ROOT, free_port, run_script
 
 
 def train_flags(data, model_dir, out, *extra):
@@ -29,7 +30,7 @@ def test_packed_loss_equals_padded_loss_on_the_same_rows(small_processed, model_
 
     args = train.parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(small_processed)])
     model, tokenizer = train.setup_model_and_tokenizer(args, torch.float32)
-    dataset, _ = train.load_processed_dataset(small_processed, 6)
+    dataset, _, _ = train.load_processed_dataset(small_processed, 6)
     losses = {}
     for packing in (False, True):
         args.packing = packing
@@ -53,14 +54,37 @@ def test_training_writes_every_promised_output(tmp_path, small_processed, model_
     assert (out / "merged_model" / "model.safetensors").exists()
     assert (out / "loss_curve.png").stat().st_size > 1000
     metrics = json.loads((out / "eval_results.json").read_text())
-    assert {"eval_loss", "perplexity", "train_loss", "steps", "tokens_seen", "tokens_per_second",
-            "peak_rss_gb"} <= set(metrics)
+    assert {"eval_loss", "perplexity", "eval_accuracy", "best_model_metric", "best_metric", "train_loss", "steps",
+            "tokens_seen", "tokens_per_second", "peak_rss_gb"} <= set(metrics)
     assert metrics["steps"] == 8 and metrics["tokens_seen"] > 0
     summary = json.loads((out / "training_summary.json").read_text())
     assert any("eval_loss" in entry for entry in summary["log_history"])
     assert not list(out.glob("*.incomplete"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_the_best_checkpoint_follows_the_chosen_validation_metric(tmp_path, small_processed, model_dir, metric):
+    out = tmp_path / metric
+    result = run_script("train_sft_example.py", *train_flags(small_processed, model_dir, out, "--max_samples", 32,
+                                                             "--eval_steps", 2, "--save_steps", 2,
+                                                             "--eval_accuracy_samples", 16,
+                                                             "--metric_for_best_model", metric))
+    assert result.returncode == 0, result.stderr[-3000:]
+    *evaluations, final = [e for e in json.loads((out / "training_summary.json").read_text())["log_history"]
+                           if "eval_loss" in e]  # one per eval_steps, then the best model's, re-evaluated
+    assert len(evaluations) == 4 and all(0 <= e["eval_accuracy"] <= 1 for e in evaluations)
+    assert result.stdout.count("validation accuracy") >= 4 and "scored in" in result.stdout
+    values = [e[f"eval_{metric}"] for e in evaluations]
+    best = (max if metric == "accuracy" else min)(values)
+    first_best_step = evaluations[values.index(best)]["step"]  # Trainer keeps the first of equal values
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert metrics["best_model_metric"] == metric and metrics["best_metric"] == pytest.approx(best)
+    assert metrics["best_checkpoint"].endswith(f"checkpoint-{first_best_step}")
+    assert final[f"eval_{metric}"] == metrics[f"eval_{metric}"] == pytest.approx(best, abs=1e-4)  # that checkpoint
+
+
+@pytest.mark.slow
 def test_qlora_4bit_trains_on_cpu_and_refuses_to_merge(tmp_path, small_processed, model_dir):
     out = tmp_path / "q"
     result = run_script("train_sft_example.py", *train_flags(small_processed, model_dir, out, "--max_samples", 16,
@@ -73,10 +97,11 @@ def test_qlora_4bit_trains_on_cpu_and_refuses_to_merge(tmp_path, small_processed
     assert refused.returncode == 2 and "16-bit" in refused.stderr and "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_shards_data_and_syncs_gradients(tmp_path, small_processed, model_dir):
     out, probe = tmp_path / "ddp", tmp_path / "probe"
     probe.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(ROOT / "tests" / "ddp_probe.py"), str(probe),
                *map(str, train_flags(small_processed, model_dir, out, "--max_samples", 32))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -91,6 +116,7 @@ def test_two_process_ddp_on_cpu_shards_data_and_syncs_gradients(tmp_path, small_
     assert (out / "final_model" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, small_processed, model_dir):
     import torch
 
