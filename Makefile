@@ -10,7 +10,7 @@ REAL_MODEL := $(ASSETS)/smollm2-135m-instruct
 DEMO_DATA_FLAGS := @configs/demo/preprocess.args
 DEMO_TRAIN_FLAGS := @configs/demo/train.args
 
-.PHONY: demo test test-fast assets real-model clean
+.PHONY: demo test test-fast gpu-check assets real-model clean
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ test: assets real-model
 # Skips the slow end-to-end tier (demo, DDP, kill-resume, real model): under 2 minutes.
 test-fast: assets
 	$(PY) -m pytest -q -m "not slow"
+
+# On one CUDA GPU: the 8B's geometry measured through the scripts' own code (~8 min), then the gpu test tier.
+gpu-check: assets
+	$(PY) bench/bench_gpu.py
+	$(PY) -m pytest -q -m gpu
 
 clean:
 	rm -rf $(OUT) $(ASSETS)

@@ -155,6 +155,18 @@ class PromptFormat:
             return generated.rsplit("</think>", 1)[-1]
         return None if self.thinks else generated
 
+    def split_reasoning(self, generated):
+        """(reasoning, answer text) of a generated text: around the last '</think>', or, for a template without
+        a think block, around the last 'Answer:' line. The reasoning is what a completion can be trained on."""
+        if "</think>" in generated:
+            reasoning, answer = generated.rsplit("</think>", 1)
+        elif not self.thinks and ANSWER_PREFIX in generated:
+            reasoning, answer = generated.rsplit(ANSWER_PREFIX, 1)
+            answer = ANSWER_PREFIX + answer
+        else:
+            reasoning, answer = generated, ""
+        return reasoning.strip(), answer.strip()
+
     def parse(self, generated, options):
         """The answer letter of a generated text, or None (see answer_part and parse_answer_letter)."""
         answer = self.answer_part(generated)
@@ -217,12 +229,17 @@ def parse_answer_letter(text, options):
 
 
 # --- Small helpers ----------------------------------------------------------------------------------------
-def write_json_atomic(path, data):
-    """Pretty-printed JSON written to a temporary name and renamed: a reader never sees half a file."""
+def write_text_atomic(path, text):
+    """Written to a temporary name and renamed: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path, data):
+    """Pretty-printed JSON, written atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def pick_dtype():

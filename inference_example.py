@@ -4,6 +4,8 @@
     python inference_example.py --interactive                     # type questions, watch the answer stream
     python inference_example.py --question "Which organ is shown?" --choices "A:Liver" "B:Spleen"
     python inference_example.py --evaluate --num_samples 500 --method both --compare_base
+    python inference_example.py --generate_traces --no_adapter --split train --num_return_sequences 4 \
+        --temperature 0.6 --max_new_tokens 1024 --output_file traces.jsonl   # reasoning to fine-tune on
 
 Evaluation methods (same records, same report):
   score     ranks the options by the model's log-probability of each full answer after the training prompt;
@@ -48,7 +50,7 @@ def make_parser():
         help="LoRA adapter from train_sft_example.py (default: %(default)s)")
     arg("--no_adapter", action="store_true", help="the base model alone (zero-shot baseline), or a merged model")
     arg("--data_path", default=common.PROCESSED_DIR, help="processed dataset for --evaluate (default: %(default)s)")
-    arg("--split", default="test", help="split to evaluate (default: %(default)s)")
+    arg("--split", default="test", help="split to evaluate or to generate traces for (default: %(default)s)")
     arg("--output_file", default=None,
         help="results JSON (default: evaluation_results.json beside the adapter, or the model folder with --no_adapter)")
     mode = parser.add_mutually_exclusive_group()
@@ -56,6 +58,9 @@ def make_parser():
     mode.add_argument("--question",
                       help="ask one question, with --choices for options (default: none; the demo questions)")
     mode.add_argument("--evaluate", action="store_true", help="evaluate on --data_path's --split")
+    mode.add_argument("--generate_traces", action="store_true",
+                      help="sample --num_return_sequences reasoning traces per question of --split and append them "
+                           "to --output_file (default traces.jsonl) as JSON lines; a rerun resumes")
     arg("--choices", nargs="+", default=None, metavar="X:TEXT",
         help='options for --question: "A:Liver" "B:Spleen" (default: none, a free-text answer)')
     arg("--num_samples", type=int, default=None, help="evaluate the first N questions (default: all)")
@@ -288,7 +293,8 @@ def generate_answers(model, tokenizer, batch, prompt_format, args, streamer=None
             letter = None if answer is None else common.parse_answer_letter(answer, question["options"])
             status = "no_answer_within_budget" if answer is None else "answered" if letter else "unparsed"
             samples.append({"text": text, "predicted": letter, "status": status,
-                            "tokens": generated_length(ids, tokenizer.eos_token_id)})
+                            "tokens": generated_length(ids, tokenizer.eos_token_id),
+                            "finished": tokenizer.eos_token_id in ids})
         votes = Counter(sample["predicted"] for sample in samples if sample["predicted"])
         outputs.append({"predicted": votes.most_common(1)[0][0] if votes else None, "samples": samples})
     return outputs
@@ -481,12 +487,62 @@ def interactive(model, tokenizer, args, prompt_format):
         answer_and_show(model, tokenizer, question, options, args, prompt_format)
 
 
+# --- Reasoning traces (rejection-sampling fine-tuning: QUICKSTART_GUIDE.md, "Keep the reasoning") ------------
+def resume_traces(path, k):
+    """Ids already complete in a traces file (k samples each), after rewriting the file without the lines of an
+    interrupted question or a half-written last line, so a resumed run never duplicates a line."""
+    lines = [line for line in path.read_text().split("\n") if line.strip()] if path.exists() else []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the half-written line of a killed run
+            continue
+    per_id = Counter(r["id"] for r in records)
+    done = {question_id for question_id, count in per_id.items() if count >= k}
+    kept = [r for r in records if r["id"] in done]
+    if len(kept) != len(lines):
+        common.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    return done
+
+
+def generate_traces(model, tokenizer, prompt_format, args):
+    """Append k sampled traces per question to the traces file, one JSON line each, flushed per question."""
+    from tqdm import tqdm
+
+    path = Path(args.output_file or "traces.jsonl")
+    done = resume_traces(path, args.num_return_sequences)
+    questions = [q for q in load_eval_questions(args) if q["id"] not in done]
+    solved, start = 0, time.time()
+    print(f"{len(done)} questions already in {path}; generating for {len(questions)}")
+    with open(path, "a", encoding="utf-8") as out, tqdm(total=len(questions), unit="q", disable=None) as bar:
+        for i in range(0, len(questions), args.batch_size):
+            batch = questions[i:i + args.batch_size]
+            for question, answer in zip(batch, generate_answers(model, tokenizer, batch, prompt_format, args)):
+                for index, sample in enumerate(answer["samples"]):
+                    reasoning, answer_text = prompt_format.split_reasoning(sample["text"])
+                    out.write(json.dumps({"id": question["id"], "sample": index, "reasoning": reasoning,
+                                          "answer": answer_text, "predicted": sample["predicted"],
+                                          "gold": question["answer_label"],
+                                          "correct": sample["predicted"] == question["answer_label"],
+                                          "tokens": sample["tokens"], "finished": sample["finished"]},
+                                         ensure_ascii=False) + "\n")
+                out.flush()
+                solved += any(s["predicted"] == question["answer_label"] for s in answer["samples"])
+            bar.update(len(batch))
+            bar.set_postfix(with_correct_trace=f"{solved / min(i + len(batch), len(questions)):.0%}")
+    seconds = time.time() - start
+    print(f"{solved} of {len(questions)} new questions have a correct trace; "
+          f"{len(questions) / seconds if seconds else 0:.2f} questions/s; wrote {path}")
+    print(f"next: python preprocess_pmc_vqa_for_sft.py --reasoning_traces {path} ...")
+
+
 def main(argv=None):
     args = parse_args(argv)
     options = parse_choices(args.choices) if args.question and args.choices else None
     model, tokenizer = load_model(args)
     prompt_format = common.PromptFormat.for_tokenizer(tokenizer)
-    if (Path(args.data_path) / "preprocessing_stats.json").exists() or args.evaluate:
+    if (Path(args.data_path) / "preprocessing_stats.json").exists() or args.evaluate or args.generate_traces:
         prompt_format = common.PromptFormat.from_processed(args.data_path, tokenizer)  # ask as training did
 
     if args.evaluate:
@@ -499,6 +555,8 @@ def main(argv=None):
                                           "data_path": args.data_path, "split": args.split,
                                           "prompt_format": prompt_format.as_config(), **report})
         print(f"wrote {output}")
+    elif args.generate_traces:
+        generate_traces(model, tokenizer, prompt_format, args)
     elif args.interactive:
         interactive(model, tokenizer, args, prompt_format)
     elif args.question:

@@ -40,6 +40,12 @@ def make_parser():
                              "text without a letter (default: options shown, 'Answer: B. text')")
     parser.add_argument("--add_reasoning", action="store_true",
                         help="ask the model to think first; the completion opens with a one-line rationale")
+    parser.add_argument("--reasoning_traces", default=None,
+                        help="traces.jsonl from inference_example.py --generate_traces: a training row whose "
+                             "question has a correct trace learns its shortest one as the reasoning (default: none)")
+    parser.add_argument("--traces_fallback", choices=["empty", "drop"], default="empty",
+                        help="training rows without a correct trace: keep the plain completion, or drop them "
+                             "(counted as no_correct_trace) (default: %(default)s)")
     parser.add_argument("--sample_size", type=int, default=None,
                         help="keep at most this many rows per split after cleaning (default: all)")
     parser.add_argument("--val_ratio", type=float, default=0.05,
@@ -60,6 +66,9 @@ def parse_args(argv=None):
         raise UsageError(f"--sample_size must be at least 1, got {args.sample_size}")
     if not 0 < args.val_ratio < 0.5:
         raise UsageError(f"--val_ratio must be in (0, 0.5), got {args.val_ratio}")
+    if args.reasoning_traces and not Path(args.reasoning_traces).is_file():
+        raise UsageError(f"--reasoning_traces {args.reasoning_traces} is not a file; make one with "
+                         "python inference_example.py --generate_traces")
     if args.max_length < 16 or args.num_proc < 1:
         raise UsageError("--max_length must be at least 16 and --num_proc at least 1")
     return args
@@ -170,6 +179,48 @@ def canonical_rows(frame, source):
     return out, reason
 
 
+def load_traces(path):
+    """{question id: the shortest correct trace's reasoning} and counts from a traces.jsonl file.
+
+    Only traces whose parsed answer equals the gold letter and that closed their reasoning within the budget
+    are used; the shortest is kept (the cheapest to learn, and the least room for a lucky guess).
+    """
+    import json
+
+    best, read, correct = {}, 0, 0
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            trace = json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"{path}: a line is not JSON ({line[:60]!r}); regenerate it with --generate_traces")
+        read += 1
+        if trace["correct"] and trace["finished"] and trace["reasoning"]:
+            correct += 1
+            if trace["id"] not in best or len(trace["reasoning"]) < len(best[trace["id"]]):
+                best[trace["id"]] = trace["reasoning"]
+    return best, {"traces_read": read, "traces_correct": correct, "questions_with_correct_trace": len(best)}
+
+
+def attach_traces(frames, args, dropped):
+    """A 'reasoning' column: the chosen trace for training rows that have one, None elsewhere; the training rows
+    without a correct trace fall back to the plain completion or are dropped; returns the trace counts."""
+    for frame in frames.values():
+        frame["reasoning"] = None
+    if not args.reasoning_traces:
+        return None
+    traces, counts = load_traces(args.reasoning_traces)
+    train = frames["train"]
+    train["reasoning"] = train["id"].map(traces)
+    missing = train["reasoning"].isna()
+    counts["train_rows_with_trace"] = int((~missing).sum())
+    counts["train_rows_without_trace"] = int(missing.sum())
+    counts["fallback"] = args.traces_fallback
+    if args.traces_fallback == "drop" and missing.any():
+        dropped["no_correct_trace"] = dropped.get("no_correct_trace", 0) + int(missing.sum())
+        frames["train"] = train[~missing]
+    return counts
+
+
 def split_validation(train, val_ratio, seed):
     """Hold out val_ratio of the figures (not rows): questions on one image never straddle the split."""
     import numpy as np
@@ -182,16 +233,18 @@ def split_validation(train, val_ratio, seed):
 
 
 # --- Formatting and tokenization ------------------------------------------------------------------------------
-def create_conversation(question, options, letter, prompt_format):
-    """(user turn, completion text) for one row: the format lives in common.PromptFormat, shared with inference."""
-    return prompt_format.user_turn(question, options), prompt_format.completion(letter, options)
+def create_conversation(question, options, letter, prompt_format, reasoning=None):
+    """(user turn, completion text) for one row: the format lives in common.PromptFormat, shared with inference.
+    reasoning: a trace to think with before the answer (appended as text, so the template cannot delete it)."""
+    return prompt_format.user_turn(question, options), prompt_format.completion(letter, options, reasoning)
 
 
 def tokenize_batch(batch, tokenizer, prompt_format):
     """datasets.map(batched=True) body: render, tokenize once per batch, mask the prompt in labels."""
     prompts, completions = [], []
-    for question, options, letter in zip(batch["question"], batch["options"], batch["answer_label"]):
-        user, completion = create_conversation(question, options, letter, prompt_format)
+    for question, options, letter, reasoning in zip(batch["question"], batch["options"], batch["answer_label"],
+                                                    batch["reasoning"]):
+        user, completion = create_conversation(question, options, letter, prompt_format, reasoning)
         prompts.append(common.build_prompt(tokenizer, user))
         completions.append(completion)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -280,7 +333,7 @@ def tokenize_splits(frames, tokenizer, prompt_format, args, dropped):
     return splits
 
 
-def preprocessing_stats(splits, dropped, rows_read, prompt_format, args):
+def preprocessing_stats(splits, dropped, rows_read, prompt_format, args, trace_counts):
     kept = sum(len(split) for split in splits.values())
     return {
         "rows_read": rows_read, "rows_kept": kept, "rows_dropped": dict(sorted(dropped.items())),
@@ -289,9 +342,11 @@ def preprocessing_stats(splits, dropped, rows_read, prompt_format, args):
                                  "completion": percentiles(column(split, "completion_length"))}
                           for name, split in splits.items()},
         "answer_distribution": {name: letter_counts(column(split, "answer_label")) for name, split in splits.items()},
+        "reasoning_traces": trace_counts,
         "config": {"data_path": str(args.data_path), "model_name_or_path": args.model_name_or_path,
                    "max_length": args.max_length, **prompt_format.as_config(), "val_ratio": args.val_ratio,
-                   "seed": args.seed, "test_file": args.test_file, "sample_size": args.sample_size},
+                   "seed": args.seed, "test_file": args.test_file, "sample_size": args.sample_size,
+                   "reasoning_traces": args.reasoning_traces, "traces_fallback": args.traces_fallback},
     }
 
 
@@ -323,11 +378,12 @@ def main(argv=None):
     args = parse_args(argv)
     sources = load_sources(args.data_path, args.test_file)
     frames, dropped, rows_read = build_splits(sources, args)
+    trace_counts = attach_traces(frames, args, dropped)
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     prompt_format = common.PromptFormat.for_tokenizer(tokenizer, args.include_choices, args.add_reasoning)
     splits = tokenize_splits(frames, tokenizer, prompt_format, args, dropped)
-    stats = preprocessing_stats(splits, dropped, rows_read, prompt_format, args)
-    splits = splits.remove_columns(["prompt_length", "completion_length"])
+    stats = preprocessing_stats(splits, dropped, rows_read, prompt_format, args, trace_counts)
+    splits = splits.remove_columns(["prompt_length", "completion_length", "reasoning"])
     save_atomically(splits, stats, rendered_examples(splits["train"], tokenizer), args.output_dir)
 
     print(f"read {rows_read} rows, kept {stats['rows_kept']}, dropped {sum(dropped.values())}: {dropped}")

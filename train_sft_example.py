@@ -265,7 +265,7 @@ def build_trainer(args, model, tokenizer, train, validation, precision, accuracy
     return scoring_trainer_class()(
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks, accuracy_questions=accuracy_questions,
-        prompt_format=common.PromptFormat.from_processed(args.data_path, tokenizer))
+        prompt_format=common.PromptFormat.from_processed(args.data_path, tokenizer) if accuracy_questions else None)
 
 
 def resolve_checkpoint(resume, output_dir):

@@ -25,20 +25,20 @@ def test_preprocess_train_evaluate_on_the_real_model(tmp_path, data_dir, real_mo
 
     result = run_script("train_sft_example.py", "--data_path", processed, "--model_name_or_path", real_model_dir,
                         "--output_dir", out, "--max_samples", 24, "--batch_size", 4, "--grad_accum", 1,
-                        "--learning_rate", 1e-4, "--eval_steps", 3, "--save_steps", 6, "--eval_accuracy_samples", 16)
+                        "--learning_rate", 1e-4, "--eval_steps", 3, "--save_steps", 6, "--eval_accuracy_samples", 8)
     assert result.returncode == 0, result.stderr[-3000:]
     training = json.loads((out / "eval_results.json").read_text())
     assert training["steps"] == 6 and training["eval_accuracy"] is not None
 
     report_path = tmp_path / "eval.json"
     result = run_script("inference_example.py", "--evaluate", "--method", "both", "--compare_base", "--num_samples",
-                        16, "--max_new_tokens", 16, "--model_name_or_path", real_model_dir, "--adapter_path",
+                        12, "--max_new_tokens", 12, "--model_name_or_path", real_model_dir, "--adapter_path",
                         out / "final_model", "--data_path", processed, "--output_file", report_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(report_path.read_text())
     results = report["results"]
     assert report["prompt_format"]["thinks"] is False
-    assert results["fine_tuned/score"]["parse_failures"] == 0 and results["fine_tuned/score"]["n"] == 16
+    assert results["fine_tuned/score"]["parse_failures"] == 0 and results["fine_tuned/score"]["n"] == 12
     assert results["base/generate"]["no_answer_within_budget"] == 0  # without a think block, never "still thinking"
     tuned, base = results["fine_tuned/score"]["records"], results["base/score"]["records"]
     changes = [abs(t["option_scores"][letter] - b["option_scores"][letter])
