@@ -22,6 +22,7 @@ question's record) goes to evaluation_results.json beside the adapter.
 """
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import sys
