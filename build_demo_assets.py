@@ -289,6 +289,23 @@ def build_real_model(out_dir):
     return model_dir
 
 
+def demo_model(kind):
+    """The model folder of the tiny demo model or of the real one ('tiny' or 'real'), built if missing."""
+    _, tiny = build_all(DEMO_DIR)
+    return build_real_model(DEMO_DIR) if kind == "real" else tiny
+
+
+def processed_demo_data(model_dir, out, *flags):
+    """The demo data preprocessed for model_dir into out, once: benchmarks reuse it between runs."""
+    out = Path(out)
+    if not (out / "dataset_dict.json").exists():
+        import preprocess_pmc_vqa_for_sft
+
+        preprocess_pmc_vqa_for_sft.main(["--data_path", str(DEMO_DIR / "PMC-VQA"), "--model_name_or_path",
+                                         str(model_dir), "--output_dir", str(out), *map(str, flags)])
+    return out
+
+
 def make_parser():
     parser = common.make_parser(__doc__)
     parser.add_argument("--out", default=str(DEMO_DIR), help="folder to build into (default: %(default)s)")

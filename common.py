@@ -273,4 +273,6 @@ def load_tokenizer(model_name_or_path, trust_remote_code=False):
     if not tokenizer.chat_template:
         raise UsageError(f"the tokenizer of {model_name_or_path!r} has no chat template; use a chat model "
                          "such as deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
+    if tokenizer.pad_token is None:  # batches need one; labels never depend on it (they mask by prompt length)
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -127,9 +127,6 @@ def load_model(args):
         raise UsageError(f"no LoRA adapter at {adapter} (adapter_config.json missing); train one with "
                          f"python train_sft_example.py, or pass --no_adapter for the base model")
     tokenizer = common.load_tokenizer(str(adapter or args.model_name_or_path), args.trust_remote_code)
-    tokenizer.padding_side = "left"  # generation continues from the last token of every row
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     dtype = common.pick_dtype()
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name_or_path, dtype=dtype, device_map="auto" if torch.cuda.is_available() else None,

@@ -57,9 +57,9 @@ def make_parser():
         help="Liger's fused kernels (Trainer's own switch): the fused linear + cross-entropy never materialises the "
              "[tokens, vocab] logits, the largest memory cost of the 8B's loss. Needs a CUDA GPU and "
              "pip install liger-kernel")
-    arg("--eval_steps", type=int, default=200, help="evaluate on validation every N steps (default: %(default)s)")
-    arg("--save_steps", type=int, default=200, help="checkpoint every N steps, a multiple of --eval_steps "
-                                                    "(default: %(default)s)")
+    arg("--eval_steps", type=int, default=200,
+        help="evaluate on validation and save a checkpoint every N steps: a checkpoint at every evaluation is what "
+             "lets the best one become final_model/ (default: %(default)s)")
     arg("--logging_steps", type=int, default=10, help="log the training loss every N steps (default: %(default)s)")
     arg("--resume_from_checkpoint", default=None,
         help="a checkpoint folder, or 'auto' for the latest complete one in --output_dir (default: start fresh)")
@@ -89,7 +89,7 @@ def parse_args(argv=None):
                          "into the base reloaded in 16-bit (QUICKSTART_GUIDE.md, 'Merging a QLoRA adapter')")
     if args.packing and args.group_by_length:
         raise UsageError("--packing and --group_by_length both fight padding; pick one")
-    for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps", "lora_r"):
+    for name in ("batch_size", "grad_accum", "eval_steps", "logging_steps", "lora_r"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_epochs <= 0 or (args.max_samples is not None and args.max_samples < 1):
@@ -108,9 +108,6 @@ def parse_args(argv=None):
 
         if not torch.cuda.is_available():
             raise UsageError("--use_liger_kernel needs a CUDA GPU (its kernels are Triton); drop the flag on CPU")
-    if args.save_steps % args.eval_steps:
-        raise UsageError("--save_steps must be a multiple of --eval_steps (the best checkpoint is picked at "
-                         "evaluations)")
     return args
 
 
@@ -240,7 +237,7 @@ def build_trainer(args, model, tokenizer, train, validation, precision, accuracy
         eval_strategy="steps",
         eval_steps=args.eval_steps,
         save_strategy="steps",
-        save_steps=args.save_steps,
+        save_steps=args.eval_steps,  # Trainer restores the best only if it was saved when it was evaluated
         save_total_limit=3,
         load_best_model_at_end=True,
         metric_for_best_model=args.metric_for_best_model,  # "accuracy" or "loss": Trainer prefixes "eval_"

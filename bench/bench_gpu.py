@@ -142,14 +142,9 @@ def measure_training(name, folder, args):
 
 def measure_evaluation(name, folder, args):
     import inference_example as inference
-    import preprocess_pmc_vqa_for_sft as preprocess
 
     method, budget = EVALUATION[name]
-    data_dir, tiny = bda.build_all(bda.DEMO_DIR)
-    processed = ROOT / "bench" / "results" / "gpu_eval_data"
-    if not (processed / "dataset_dict.json").exists():
-        preprocess.main(["--data_path", str(data_dir), "--model_name_or_path", str(tiny), "--output_dir",
-                         str(processed)])
+    processed = bda.processed_demo_data(bda.demo_model("tiny"), ROOT / "bench" / "results" / "gpu_eval_data")
     run_args = inference.parse_args(["--model_name_or_path", str(folder), "--no_adapter", "--data_path",
                                      str(processed), "--num_samples", str(args.eval_questions), "--max_new_tokens",
                                      str(budget)])

@@ -61,15 +61,8 @@ def make_parser():
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    data_dir, model_dir = bda.build_all(bda.DEMO_DIR)
-    if args.model == "real":
-        model_dir = bda.build_real_model(bda.DEMO_DIR)
-    processed = ROOT / "bench" / "results" / f"inference_data_{args.model}"
-    if not (processed / "dataset_dict.json").exists():
-        import preprocess_pmc_vqa_for_sft as preprocess
-
-        preprocess.main(["--data_path", str(data_dir), "--model_name_or_path", str(model_dir), "--output_dir",
-                         str(processed)])
+    model_dir = bda.demo_model(args.model)
+    processed = bda.processed_demo_data(model_dir, ROOT / "bench" / "results" / f"inference_data_{args.model}")
     run_args = inference.parse_args(["--model_name_or_path", str(model_dir), "--no_adapter", "--data_path",
                                      str(processed), "--num_samples", str(args.num_samples), "--batch_size",
                                      str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens)])

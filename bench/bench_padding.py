@@ -1,13 +1,13 @@
-"""Training throughput by batching strategy on the tiny model, side by side in one run.
+"""Training throughput by batching strategy, side by side in one run.
 
-    python bench/bench_padding.py            # 30 steps each of batch 8 on the demo data
+    python bench/bench_padding.py                            # the tiny model, 30 steps each of batch 8
+    python bench/bench_padding.py --model real --steps 8     # SmolLM2-135M-Instruct (make real-model)
 
 Strategies: pad every row to max_length 2048 (the naive way), dynamic padding (the default),
 --group_by_length, and --packing (padding-free). Reports real (non-pad) tokens/s and the share of
 real tokens among all token positions the model computed. On CPU packing has no variable-length
 attention kernel, so its tokens/s here says little about a GPU with flash-attention.
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import build_demo_assets as bda  # noqa: E402
-import preprocess_pmc_vqa_for_sft as preprocess  # noqa: E402
+import common  # noqa: E402
 import train_sft_example as train  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def measure(strategy, processed, model_dir, steps, batch_size):
     flags = {"packing": ["--packing"], "group_by_length": ["--group_by_length"]}.get(strategy, [])
     args = train.parse_args(["--data_path", str(processed), "--model_name_or_path", str(model_dir), "--output_dir",
                              str(ROOT / "bench" / "results" / "padding"), "--batch_size", str(batch_size),
-                             "--grad_accum", "1", *flags])
+                             "--grad_accum", "1", "--eval_accuracy_samples", "0", *flags])
     train_rows, validation, _ = train.load_processed_dataset(processed, steps * batch_size)
     model, tokenizer = train.setup_model_and_tokenizer(args, torch.float32)
     trainer = train.build_trainer(args, model, tokenizer, train_rows, validation, {"use_cpu": True})
@@ -48,18 +48,18 @@ def measure(strategy, processed, model_dir, steps, batch_size):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--model", choices=["tiny", "real"], default="tiny", help="which model (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per strategy (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=8, help="rows per step (default: %(default)s)")
     args = parser.parse_args()
-    data_dir, model_dir = bda.build_all(bda.DEMO_DIR)
-    processed = ROOT / "bench" / "results" / "padding_data"
-    if not (processed / "dataset_dict.json").exists():
-        preprocess.main(["--data_path", str(data_dir), "--model_name_or_path", str(model_dir), "--output_dir",
-                         str(processed), "--add_reasoning"])
+    model_dir = bda.demo_model(args.model)
+    processed = bda.processed_demo_data(model_dir, ROOT / "bench" / "results" / f"padding_data_{args.model}",
+                                        "--add_reasoning")
     results = {s: measure(s, processed, model_dir, args.steps, args.batch_size)
                for s in ("pad_to_2048", "dynamic", "group_by_length", "packing")}
     base = results["pad_to_2048"][0]
+    print(f"model {args.model} ({model_dir.name}), {args.steps} steps x {args.batch_size} rows, CPU fp32")
     print(f"{'strategy':18}{'real tokens/s':>15}{'vs pad-to-2048':>16}{'real-token share':>18}{'seconds':>9}")
     for name, (rate, share, seconds) in results.items():
         print(f"{name:18}{rate:>15,.0f}{rate / base:>15.1f}x{share:>17.1%}{seconds:>9.1f}")

@@ -118,6 +118,7 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path, model_dir):
     assert_one_line_error(result, "no chat template")
 
 
+@pytest.mark.slow
 def test_killed_preprocessing_leaves_nothing_that_looks_complete(tmp_path, model_dir):
     import random
 

@@ -24,6 +24,7 @@ def test_shortened_demo_clearly_beats_the_base(tmp_path, data_dir, model_dir):
         assert result.returncode == 0, f"{script}: {result.stderr[-3000:]}"
     training = json.loads((out / "eval_results.json").read_text())
     assert training["best_model_metric"] == "accuracy" and training["eval_accuracy"] > 0.5
+    assert training["best_checkpoint"], "the best checkpoint was not saved, so final_model/ is not the best"
     report = json.loads((out / "final_model" / "evaluation_results.json").read_text())
     results = report["results"]
     accuracy = {name: r["accuracy"] for name, r in results.items()}

@@ -15,7 +15,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def train(processed, model_dir, out, *flags):
     result = run_script("train_sft_example.py", "--data_path", processed, "--model_name_or_path", model_dir,
                         "--output_dir", out, "--batch_size", 8, "--grad_accum", 1, "--learning_rate", 3e-3,
-                        "--eval_steps", 5, "--save_steps", 5, "--logging_steps", 1, "--eval_accuracy_samples", 16,
+                        "--eval_steps", 5, "--logging_steps", 1, "--eval_accuracy_samples", 16,
                         *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "training_summary.json").read_text())

@@ -119,7 +119,7 @@ def adapter(tmp_path_factory, small_processed, model_dir):
     out = tmp_path_factory.mktemp("sft")
     result = run_script("train_sft_example.py", "--data_path", small_processed, "--model_name_or_path", model_dir,
                         "--output_dir", out, "--max_samples", 32, "--batch_size", 8, "--grad_accum", 1,
-                        "--learning_rate", 3e-3, "--eval_steps", 2, "--save_steps", 2, "--eval_accuracy_samples", 8)
+                        "--learning_rate", 3e-3, "--eval_steps", 2, "--eval_accuracy_samples", 8)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "final_model"
 

@@ -25,7 +25,7 @@ def test_preprocess_train_evaluate_on_the_real_model(tmp_path, data_dir, real_mo
 
     result = run_script("train_sft_example.py", "--data_path", processed, "--model_name_or_path", real_model_dir,
                         "--output_dir", out, "--max_samples", 24, "--batch_size", 4, "--grad_accum", 1,
-                        "--learning_rate", 1e-4, "--eval_steps", 3, "--save_steps", 6, "--eval_accuracy_samples", 8)
+                        "--learning_rate", 1e-4, "--eval_steps", 3, "--eval_accuracy_samples", 8)
     assert result.returncode == 0, result.stderr[-3000:]
     training = json.loads((out / "eval_results.json").read_text())
     assert training["steps"] == 6 and training["eval_accuracy"] is not None

@@ -58,6 +58,7 @@ def test_only_the_shortest_correct_finished_trace_is_trained_on(tmp_path, data_d
     assert any("</think>" in e["trained_text"] for e in examples)
 
 
+@pytest.mark.slow
 def test_traces_resume_without_duplicates_after_a_kill(tmp_path, model_dir, small_processed):
     output = tmp_path / "traces.jsonl"
     flags = ["--generate_traces", "--no_adapter", "--model_name_or_path", model_dir, "--data_path", small_processed,
@@ -90,7 +91,7 @@ def test_round_trip_generate_preprocess_train_evaluate(tmp_path, data_dir, model
         ("preprocess_pmc_vqa_for_sft.py", "--data_path", data_dir, "--model_name_or_path", model_dir,
          "--output_dir", processed, "--sample_size", 64, "--reasoning_traces", traces),
         ("train_sft_example.py", "--data_path", processed, "--model_name_or_path", model_dir, "--output_dir", out,
-         "--max_samples", 16, "--batch_size", 8, "--grad_accum", 1, "--eval_steps", 2, "--save_steps", 2,
+         "--max_samples", 16, "--batch_size", 8, "--grad_accum", 1, "--eval_steps", 2,
          "--eval_accuracy_samples", 8),
         ("inference_example.py", "--evaluate", "--method", "generate", "--num_samples", 8, "--max_new_tokens", 32,
          "--model_name_or_path", model_dir, "--adapter_path", out / "final_model", "--data_path", processed)]

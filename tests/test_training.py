@@ -15,7 +15,7 @@ from conftest import ROOT, free_port, run_script
 
 def train_flags(data, model_dir, out, *extra):
     return ["--data_path", data, "--model_name_or_path", model_dir, "--output_dir", out, "--batch_size", 4,
-            "--grad_accum", 1, "--learning_rate", 3e-3, "--eval_steps", 4, "--save_steps", 4, "--logging_steps", 2,
+            "--grad_accum", 1, "--learning_rate", 3e-3, "--eval_steps", 4, "--logging_steps", 2,
             *extra]
 
 
@@ -67,7 +67,7 @@ def test_training_writes_every_promised_output(tmp_path, small_processed, model_
 def test_the_best_checkpoint_follows_the_chosen_validation_metric(tmp_path, small_processed, model_dir, metric):
     out = tmp_path / metric
     result = run_script("train_sft_example.py", *train_flags(small_processed, model_dir, out, "--max_samples", 32,
-                                                             "--eval_steps", 2, "--save_steps", 2,
+                                                             "--eval_steps", 2,
                                                              "--eval_accuracy_samples", 16,
                                                              "--metric_for_best_model", metric))
     assert result.returncode == 0, result.stderr[-3000:]
