@@ -48,10 +48,10 @@ tok = AutoTokenizer.from_pretrained(model)
 records = {"input_ids": [], "attention_mask": [], "labels": []}
 for _, row in pd.read_csv(csv_path, dtype=str, keep_default_na=False).head(rows).iterrows():
     options = [row[f"Choice {l}"].strip()[2:].strip() for l in "ABCD"]
-    user = common.format_question(row["Question"], options)
+    user = common.PromptFormat().user_turn(row["Question"], options)
     messages = [{"role": "user", "content": user}]
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    completion = common.build_completion(row["Answer_label"], options)
+    completion = common.PromptFormat().completion(row["Answer_label"], options)
     enc = tok(prompt + completion + tok.eos_token, add_special_tokens=False, padding="max_length", max_length=2048)
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     labels = [-100] * n_prompt + enc["input_ids"][n_prompt:]
