@@ -149,9 +149,9 @@ def build_data(data_dir, seed, num_train):
 # --- Tokenizer ----------------------------------------------------------------------------------------------
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-# Renders DeepSeek-R1-Distill's format (PMC_VQA_PREPROCESSING_README.md, "The format"): bos once, system text, then per turn
-# '<｜User｜>' + user or '<｜Assistant｜>' + what follows the last '</think>' + eos; the generation prompt
-# ends '<｜Assistant｜><think>\n'.
+# Renders DeepSeek-R1-Distill's format (PMC_VQA_PREPROCESSING_README.md, "The format"): bos once, system
+# text, then per turn '<｜User｜>' + user or '<｜Assistant｜>' + what follows the last '</think>' + eos; the
+# generation prompt ends '<｜Assistant｜><think>\n'.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- for message in messages if message['role'] == 'system' %}{{ message['content'] }}{%- endfor %}"

@@ -109,8 +109,9 @@ class PromptFormat:
         config = read_processed_config(data_path)
         found = cls.for_tokenizer(tokenizer, config["include_choices"], config["add_reasoning"])
         if config.get("thinks", found.thinks) != found.thinks:
-            raise UsageError(f"{data_path} was preprocessed for a template that {'does' if config['thinks'] else 'does not'} "
-                             "open a <think> block and this model's does not match; preprocess again with this model")
+            opens = "opens" if config["thinks"] else "does not open"
+            raise UsageError(f"{data_path} was preprocessed for a template that {opens} a <think> block and this "
+                             "model's does not match; preprocess again with this model")
         return found
 
     def user_turn(self, question, options):

@@ -216,10 +216,14 @@ def score_options(model, tokenizer, batch, prompt_format):
         scores = (token_logprobs(logits, targets) * new_mask).sum(-1).tolist()
     outputs, k = [], 0
     for options in continuations:
-        option_scores = dict(zip(LETTERS, scores[k:k + len(options)]))
+        outputs.append(ranked(dict(zip(LETTERS, scores[k:k + len(options)]))))
         k += len(options)
-        outputs.append({"predicted": max(option_scores, key=option_scores.get), "option_scores": option_scores})
     return outputs
+
+
+def ranked(option_scores):
+    """A scorer's answer: the option with the highest score, and every option's score."""
+    return {"predicted": max(option_scores, key=option_scores.get), "option_scores": option_scores}
 
 
 def letter_token_ids(tokenizer, prompt_format):
@@ -251,11 +255,7 @@ def score_letters(model, tokenizer, batch, prompt_format):
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
     logprobs = torch.log_softmax(logits[:, -1].float(), -1)[:, letter_ids].tolist()
-    outputs = []
-    for question, row in zip(batch, logprobs):
-        option_scores = dict(zip(LETTERS, row[:len(question["options"])]))
-        outputs.append({"predicted": max(option_scores, key=option_scores.get), "option_scores": option_scores})
-    return outputs
+    return [ranked(dict(zip(LETTERS, row[:len(question["options"])]))) for question, row in zip(batch, logprobs)]
 
 
 def generated_length(ids, eos):
@@ -539,9 +539,10 @@ def main(argv=None):
     args = parse_args(argv)
     options = parse_choices(args.choices) if args.question and args.choices else None
     model, tokenizer = load_model(args)
-    prompt_format = common.PromptFormat.for_tokenizer(tokenizer)
     if (Path(args.data_path) / "preprocessing_stats.json").exists() or args.evaluate or args.generate_traces:
         prompt_format = common.PromptFormat.from_processed(args.data_path, tokenizer)  # ask as training did
+    else:
+        prompt_format = common.PromptFormat.for_tokenizer(tokenizer)
 
     if args.evaluate:
         report = evaluate_all(model, tokenizer, prompt_format, args)

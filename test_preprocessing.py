@@ -41,9 +41,8 @@ def check_row(row, tokenizer, prompt_format):
     ids, labels = row["input_ids"], row["labels"]
     prompt_ids = prompt_format.prompt_ids(tokenizer, row["question"], row["options"])
     n = len(prompt_ids)
-    rendered = common.build_prompt(tokenizer, prompt_format.user_turn(row["question"], row["options"]))
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids.count(bos) != tokenizer(rendered, add_special_tokens=False)["input_ids"].count(bos):
+    bos = tokenizer.bos_token_id  # the prompt ids are the rendered template's: whatever bos it wrote, no more
+    if bos is not None and ids.count(bos) != prompt_ids.count(bos):
         problems.append("tokenization added a bos the template did not write (a double bos)")
     if ids[:n] != prompt_ids:
         problems.append("the prompt ids differ from what inference feeds the model")

@@ -216,7 +216,8 @@ def scoring_trainer_class():
 
 
 def build_trainer(args, model, tokenizer, train, validation, precision, accuracy_questions=()):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, EarlyStoppingCallback, TrainingArguments
+    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, EarlyStoppingCallback,
+                              TrainingArguments)
 
     if args.packing:
         collator = DataCollatorWithFlattening()  # one row of concatenated sequences + per-sequence position_ids

@@ -44,9 +44,8 @@ def score_options_naive(model, tokenizer, batch, prompt_format):
               for i, (start, end) in enumerate(spans)]
     outputs, k = [], 0
     for item in batch:
-        option_scores = dict(zip(LETTERS, scores[k:k + len(item["options"])]))
+        outputs.append(inference.ranked(dict(zip(LETTERS, scores[k:k + len(item["options"])]))))
         k += len(item["options"])
-        outputs.append({"predicted": max(option_scores, key=option_scores.get), "option_scores": option_scores})
     return outputs
 
 

@@ -101,7 +101,8 @@ def test_qlora_4bit_trains_on_cpu_and_refuses_to_merge(tmp_path, small_processed
 def test_two_process_ddp_on_cpu_shards_data_and_syncs_gradients(tmp_path, small_processed, model_dir):
     out, probe = tmp_path / "ddp", tmp_path / "probe"
     probe.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()),
                str(ROOT / "tests" / "ddp_probe.py"), str(probe),
                *map(str, train_flags(small_processed, model_dir, out, "--max_samples", 32))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
