@@ -4,11 +4,13 @@ Edit the four path constants below for your server (or set the environment varia
 every script's flags override both). Everything else here is the contract between preprocessing, training
 and inference: change the format in one place and all three follow.
 """
+import argparse
 import json
 import logging
 import os
 import re
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +26,9 @@ OUTPUT_DIR = os.environ.get("PMCVQA_OUTPUT", "PMC-VQA-SFT-Output")
 
 LETTERS = "ABCD"
 ANSWER_PREFIX = "Answer:"
+# A processed row as a question: what evaluation and accuracy scoring read (the figure for a VLM)
+QUESTION_COLUMNS = ("id", "question", "options", "answer_label", "figure_path")
+ATTENTION = ["auto", "flash_attention_2", "sdpa", "eager"]
 
 
 class UsageError(Exception):
@@ -35,17 +40,66 @@ def make_parser(description):
 
     '@configs/demo/train.args' reads flags from a recipe file: any number per line, '#' starts a comment.
     """
-    import argparse
-
     parser = argparse.ArgumentParser(description=description, fromfile_prefix_chars="@",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.convert_arg_line_to_args = lambda line: line.split("#", 1)[0].split()
     return parser
 
 
+def quiet_console():
+    """Keep what a user cannot act on out of the console: progress bars in a log file, and two library lines
+    printed on every model load. bitsandbytes 0.50 warns that it could not fetch an optional bf16 CPU kernel
+    from the Hub (never reachable offline, and unused by the fp32 CPU path); transformers warns that peft calls
+    its deprecated is_gradient_checkpointing. Neither is this kit's call."""
+    if not sys.stderr.isatty():
+        for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(variable, "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class Switch(argparse.Action):
+    """A setting with both forms, --name and --no_name: the last one given wins, so a flag written after a
+    recipe file (@configs/...) can turn off what the recipe turned on."""
+
+    def __init__(self, option_strings, dest, default=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no_"))
+
+
+def add_switch(parser, name, default, help):
+    parser.add_argument(f"--{name}", f"--no_{name}", dest=name, action=Switch, default=default,
+                        help=f"{help} (default: {'on' if default else 'off'})")
+
+
+def add_attn_implementation(parser):
+    parser.add_argument("--attn_implementation", choices=ATTENTION, default="auto",
+                        help="attention kernel: auto = flash_attention_2 where the flash-attn package is installed "
+                             "and a CUDA GPU is present (then --packing runs variable-length attention), else "
+                             "sdpa (default: %(default)s)")
+
+
+def attn_implementation(choice):
+    """The attn_implementation to load a model with, or a one-line error for flash-attention without it."""
+    import importlib.util
+
+    import torch
+
+    installed = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    if choice == "flash_attention_2" and not installed:
+        raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU and pip install flash-attn "
+                         "--no-build-isolation; or use sdpa")
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if installed else "sdpa"
+
+
 def run_main(main):
     """Run a script's main(); turn UsageError into one line on stderr and exit status 2 (no traceback)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_console()
     try:
         main()
     except UsageError as err:
@@ -62,24 +116,6 @@ def format_multiple_choice(options):
     return "\n".join(f"{letter}: {text}" for letter, text in zip(LETTERS, options))
 
 
-def build_prompt(tokenizer, user_text):
-    """The exact prompt text for training and inference: the chat template with the generation prompt.
-
-    For DeepSeek-R1 it ends '<｜Assistant｜><think>\\n' and already holds bos, so it is tokenized with
-    add_special_tokens=False.
-    """
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True)
-
-
-def template_opens_think(tokenizer):
-    """Does the model's generation prompt open a reasoning block (R1: it ends '<think>\\n')?
-
-    Decided from the rendered template, not from the model's name, so any chat model gets the right shape.
-    """
-    return build_prompt(tokenizer, "?").rstrip().endswith("<think>")
-
-
 def build_rationale(option_text):
     # PMC-VQA has no reasoning traces; this one sentence is what the gold label implies. It keeps the model
     # in R1's habit of thinking before answering, and it names the answer before the letter is needed.
@@ -93,26 +129,11 @@ class PromptFormat:
     include_choices: the options A-D are shown and the answer line is 'Answer: B. text' (else 'Answer: text').
     add_reasoning: the prompt asks to think first and the completion opens with a rationale.
     thinks: the template's generation prompt opens a <think> block, so the completion must close it;
-      set by for_tokenizer() from the rendered template, never by hand.
+      set by model_kinds.Prompter from the rendered template, never by hand.
     """
     include_choices: bool = True
     add_reasoning: bool = False
     thinks: bool = True
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer, include_choices=True, add_reasoning=False):
-        return cls(include_choices, add_reasoning, template_opens_think(tokenizer))
-
-    @classmethod
-    def from_processed(cls, data_path, tokenizer):
-        """The format a processed dataset was built with, checked against this tokenizer's template."""
-        config = read_processed_config(data_path)
-        found = cls.for_tokenizer(tokenizer, config["include_choices"], config["add_reasoning"])
-        if config.get("thinks", found.thinks) != found.thinks:
-            opens = "opens" if config["thinks"] else "does not open"
-            raise UsageError(f"{data_path} was preprocessed for a template that {opens} a <think> block and this "
-                             "model's does not match; preprocess again with this model")
-        return found
 
     def user_turn(self, question, options):
         """The user turn. DeepSeek advises no system prompt, so every instruction lives here."""
@@ -125,11 +146,6 @@ class PromptFormat:
         how = "Think briefly, then give" if self.add_reasoning else "Give"
         parts.append(f"{how} your final answer on the last line as {final_line}.")
         return "\n".join(parts)
-
-    def prompt_ids(self, tokenizer, question, options):
-        """Token ids the model is fed for a question: the same ids a training row starts with."""
-        prompt = build_prompt(tokenizer, self.user_turn(question, options))
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def answer_head(self, reasoning=""):
         """Everything the completion says before the answer itself: closing the think block, then 'Answer:'."""
@@ -180,9 +196,9 @@ class PromptFormat:
 def read_processed_config(data_path):
     """The 'config' block of a processed folder's preprocessing_stats.json (the flags it was built with)."""
     stats = Path(data_path) / "preprocessing_stats.json"
-    if not stats.exists():
-        raise UsageError(f"{data_path} has no preprocessing_stats.json; run python preprocess_pmc_vqa_for_sft.py "
-                         f"--output_dir {data_path}")
+    if not stats.exists() or not (Path(data_path) / "dataset_dict.json").exists():
+        raise UsageError(f"{data_path} is not a complete processed dataset (an interrupted or missing run); run "
+                         f"python preprocess_pmc_vqa_for_sft.py --output_dir {data_path}")
     return json.loads(stats.read_text())["config"]
 
 
@@ -252,28 +268,13 @@ def pick_dtype():
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def quantization_config(load_in_4bit, load_in_8bit, compute_dtype):
-    """bitsandbytes settings: QLoRA's nf4 with double quantization, or 8-bit; None for an unquantized base."""
+def quantization_config(load_in_4bit, load_in_8bit, compute_dtype, skip_modules=None):
+    """bitsandbytes settings: QLoRA's nf4 with double quantization, or 8-bit; None for an unquantized base.
+    skip_modules: kept in 16 bit (a VLM's vision tower and projector; None = bitsandbytes' default, the head)."""
     if not (load_in_4bit or load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
-
-
-def load_tokenizer(model_name_or_path, trust_remote_code=False):
-    """The tokenizer, with a clear error when it has no chat template (the prompt format needs one)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise UsageError(f"cannot load a tokenizer from {model_name_or_path!r} ({str(err).splitlines()[0]}); "
-                         "pass --model_name_or_path with a local model folder or set MODEL_PATH in common.py")
-    if not tokenizer.chat_template:
-        raise UsageError(f"the tokenizer of {model_name_or_path!r} has no chat template; use a chat model "
-                         "such as deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
-    if tokenizer.pad_token is None:  # batches need one; labels never depend on it (they mask by prompt length)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=skip_modules)

@@ -4,7 +4,10 @@
     python inference_example.py --interactive                     # type questions, watch the answer stream
     python inference_example.py --question "Which organ is shown?" --choices "A:Liver" "B:Spleen"
     python inference_example.py --evaluate --num_samples 500 --method both --compare_base
-    python inference_example.py --generate_traces --no_adapter --split train --num_return_sequences 4 \
+    python inference_example.py --evaluate --compare_base --image_control blank   # a VLM: how much the figure adds
+    python inference_example.py --question "Which organ is shown?" --choices "A:Liver" "B:Spleen" --image fig.jpg
+    python inference_example.py --report vlm=a/evaluation_results.json text_only=b/evaluation_results.json
+    python inference_example.py --generate_traces --no_adapter --split train --num_return_sequences 4 \\
         --temperature 0.6 --max_new_tokens 1024 --output_file traces.jsonl   # reasoning to fine-tune on
 
 Evaluation methods (same records, same report):
@@ -16,10 +19,14 @@ Evaluation methods (same records, same report):
             --max_new_tokens are counted apart, never guessed.
 score and letter measure the answer distribution without letting the model think: for a reasoning model used
 zero-shot, generate with a thinking budget is the fair number.
+A vision-language model (preprocessed for one) sees each question's figure in every method; with
+--image_control blank every method runs again with a black image of the same size in each figure's place,
+and the report pairs the two: what the model gets from the image.
 The report (accuracy with a 95% Wilson interval, failures, confusion, chance and majority-letter baselines,
 a collapse warning, questions/s, paired base-vs-fine-tuned statistics with --compare_base, and every
 question's record) goes to evaluation_results.json beside the adapter.
 """
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -31,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 import common
+import model_kinds
 from common import LETTERS, UsageError
 
 DEMO_QUESTIONS = [
@@ -62,8 +70,16 @@ def make_parser():
     mode.add_argument("--generate_traces", action="store_true",
                       help="sample --num_return_sequences reasoning traces per question of --split and append them "
                            "to --output_file (default traces.jsonl) as JSON lines; a rerun resumes")
+    mode.add_argument("--report", nargs="+", metavar="NAME=FILE",
+                      help="print one table from evaluation_results.json files, each row named NAME/...; no model "
+                           "is loaded (default: none)")
     arg("--choices", nargs="+", default=None, metavar="X:TEXT",
         help='options for --question: "A:Liver" "B:Spleen" (default: none, a free-text answer)')
+    arg("--image", default=None,
+        help="the figure for --question or --interactive with a vision-language model (default: none)")
+    arg("--image_control", choices=["none", "blank"], default="none",
+        help="with --evaluate on a vision-language model: blank = every method again with a black image of the "
+             "same size in place of each figure, paired with the real one (default: %(default)s)")
     arg("--num_samples", type=int, default=None, help="evaluate the first N questions (default: all)")
     arg("--method", choices=["score", "letter", "generate", "both", "all"], default="score",
         help="evaluation method; both = score + generate, all = score + letter + generate on the same questions "
@@ -79,8 +95,9 @@ def make_parser():
     arg("--temperature", type=float, default=0.0,
         help="0 = greedy; DeepSeek recommends 0.6 with top_p 0.95 for sampling (default: %(default)s)")
     arg("--top_p", type=float, default=0.95, help="nucleus sampling when --temperature > 0 (default: %(default)s)")
-    arg("--load_in_8bit", action="store_true", help="load the base in 8-bit")
-    arg("--load_in_4bit", action="store_true", help="load the base in 4-bit nf4")
+    common.add_switch(parser, "load_in_8bit", False, "load the base in 8-bit")
+    common.add_switch(parser, "load_in_4bit", False, "load the base in 4-bit nf4")
+    common.add_attn_implementation(parser)
     arg("--trust_remote_code", action="store_true", help="allow the model folder to run its own code")
     return parser
 
@@ -100,6 +117,10 @@ def parse_args(argv=None):
         raise UsageError("--choices goes with --question")
     if args.compare_base and args.no_adapter:
         raise UsageError("--compare_base compares the adapter with the base; drop --no_adapter")
+    if args.image_control != "none" and not args.evaluate:
+        raise UsageError("--image_control goes with --evaluate")
+    if args.image and not Path(args.image).is_file():
+        raise UsageError(f"--image {args.image} is not a file")
     return args
 
 
@@ -118,29 +139,32 @@ def parse_choices(choices):
 
 # --- Loading ----------------------------------------------------------------------------------------------
 def load_model(args):
-    """Base model (+ adapter unless --no_adapter), in the precision training used on this hardware."""
+    """(base model + adapter unless --no_adapter, in the precision training used on this hardware; the prompter
+    that asks as training did when --data_path holds a processed dataset, else the default format)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     adapter = None if args.no_adapter else Path(args.adapter_path)
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         raise UsageError(f"no LoRA adapter at {adapter} (adapter_config.json missing); train one with "
                          f"python train_sft_example.py, or pass --no_adapter for the base model")
-    tokenizer = common.load_tokenizer(str(adapter or args.model_name_or_path), args.trust_remote_code)
-    dtype = common.pick_dtype()
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, dtype=dtype, device_map="auto" if torch.cuda.is_available() else None,
-        quantization_config=common.quantization_config(args.load_in_4bit, args.load_in_8bit, dtype),
-        trust_remote_code=args.trust_remote_code)
+    if (Path(args.data_path) / "preprocessing_stats.json").exists() or args.evaluate or args.generate_traces:
+        prompter = model_kinds.Prompter.from_processed(args.data_path, args.model_name_or_path, args.trust_remote_code,
+                                                       processing_path=adapter)  # training saved its own copy
+    else:
+        prompter = model_kinds.Prompter.for_model(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model = model_kinds.load_model(args.model_name_or_path, prompter.reads_images, common.pick_dtype(),
+                                   args.load_in_4bit, args.load_in_8bit,
+                                   "auto" if torch.cuda.is_available() else None,
+                                   common.attn_implementation(args.attn_implementation), args.trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    return model.eval(), tokenizer
+    return model.eval(), prompter
 
 
 def load_eval_questions(args):
-    """Questions of the processed split (id, question, options, answer_label)."""
+    """Questions of the processed split (id, question, options, answer_label, figure_path)."""
     from datasets import load_from_disk
 
     path = Path(args.data_path)
@@ -153,23 +177,17 @@ def load_eval_questions(args):
     split = splits[args.split]
     if args.num_samples:
         split = split.select(range(min(args.num_samples, len(split))))
-    return split.select_columns(["id", "question", "options", "answer_label"]).to_list()
+    return split.select_columns(list(common.QUESTION_COLUMNS)).to_list()
 
 
 # --- The three methods ------------------------------------------------------------------------------------
-def left_padded(rows, pad_id, device):
-    """(input_ids, attention_mask, position_ids) for rows of different lengths, padded on the left so the
-    last column is every row's last token; positions count real tokens only, as in training."""
-    import torch
-
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids.to(device), mask.to(device), positions.to(device)
+def prompt_batch(prompter, batch, model, suffix=()):
+    """The questions' inputs padded on the left, so the last column is every row's last token (a VLM's figures
+    included), and their position ids: real tokens only, as in training."""
+    features = [model_kinds.extended(prompter.question_inputs(q), list(suffix)) for q in batch]
+    inputs = prompter.batch(features, side="left", device=model.device)
+    positions, next_position = model_kinds.prompt_positions(model, inputs)
+    return inputs, positions, next_position
 
 
 def token_logprobs(logits, targets):
@@ -181,35 +199,34 @@ def token_logprobs(logits, targets):
                         for j in range(logits.shape[1])], dim=1)
 
 
-def score_options(model, tokenizer, batch, prompt_format):
+def score_options(model, prompter, batch):
     """Per question, the summed log-probability of each option's full completion (+ eos) after the prompt.
 
-    Shared-prompt scoring: every prompt runs once (left-padded, batched); its KV cache is then copied to
-    one row per option and only the continuations run. The vocabulary-wide work is confined to continuation
-    tokens; the prompt's forward keeps the logits of its last position alone.
+    Shared-prompt scoring: every prompt (and a VLM's figure) runs once, left-padded and batched; its KV cache is
+    then copied to one row per option and only the continuations run. The vocabulary-wide work is confined to
+    continuation tokens; the prompt's forward keeps the logits of its last position alone.
     """
     import torch
 
-    eos = tokenizer.eos_token_id
-    prompts = [prompt_format.prompt_ids(tokenizer, q["question"], q["options"]) for q in batch]
-    continuations = [[tokenizer(prompt_format.completion(letter, q["options"]), add_special_tokens=False)["input_ids"]
-                      + [eos] for letter in LETTERS[:len(q["options"])]] for q in batch]
+    continuations = [[prompter.completion_ids(letter, q["options"]) for letter in LETTERS[:len(q["options"])]]
+                     for q in batch]
     owner = torch.tensor([i for i, options in enumerate(continuations) for _ in options], device=model.device)
     rows = [ids for options in continuations for ids in options]
-    input_ids, mask, positions = left_padded(prompts, tokenizer.pad_token_id, model.device)
+    inputs, positions, next_position = prompt_batch(prompter, batch, model)
     width = max(map(len, rows))
-    targets = torch.full((len(rows), width), eos, dtype=torch.long, device=model.device)
+    targets = torch.full((len(rows), width), prompter.tokenizer.eos_token_id, dtype=torch.long, device=model.device)
     new_mask = torch.zeros_like(targets)
     for i, ids in enumerate(rows):  # right padding: continuation token j sits at prompt length + j
         targets[i, :len(ids)] = torch.tensor(ids)
         new_mask[i, :len(ids)] = 1
+    next_positions = next_position[owner, None] + torch.arange(width, device=model.device)
+    if positions.dim() == 3:  # Qwen-VL's mRoPE: a text token has equal time, height and width positions
+        next_positions = next_positions.expand(3, -1, -1)
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
+        out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = out.cache
         cache.batch_select_indices(owner)
-        next_positions = positions[owner, -1:] + 1 + torch.arange(width, device=model.device)
-        logits = model(input_ids=targets, attention_mask=torch.cat([mask[owner], new_mask], 1),
+        logits = model(input_ids=targets, attention_mask=torch.cat([inputs["attention_mask"][owner], new_mask], 1),
                        position_ids=next_positions, cache=cache, use_cache=True).logits
         # token 0 is predicted by the prompt's last position, token j by continuation position j - 1
         logits = torch.cat([out.logits[owner], logits[:, :-1]], 1)
@@ -226,10 +243,10 @@ def ranked(option_scores):
     return {"predicted": max(option_scores, key=option_scores.get), "option_scores": option_scores}
 
 
-def letter_token_ids(tokenizer, prompt_format):
+def letter_token_ids(prompter):
     """(ids of the answer head, the one token id of each letter after it), or a UsageError where the
     tokenizer merges a letter with what surrounds it (then only --method score is meaningful)."""
-    head_text = prompt_format.answer_head()
+    tokenizer, head_text = prompter.tokenizer, prompter.format.answer_head()
     head = tokenizer(head_text, add_special_tokens=False)["input_ids"]
     letters = []
     for letter in LETTERS:
@@ -241,19 +258,18 @@ def letter_token_ids(tokenizer, prompt_format):
     return head, letters
 
 
-def score_letters(model, tokenizer, batch, prompt_format):
+def score_letters(model, prompter, batch):
     """MMLU-style: one forward per question over prompt + answer head ('...Answer:'), then the next-token
     log-probabilities of the option letters alone."""
     import torch
 
-    if not prompt_format.include_choices:
+    if not prompter.format.include_choices:
         raise UsageError("--method letter needs the options shown (preprocessed without --no_include_choices); "
                          "use --method score")
-    head, letter_ids = letter_token_ids(tokenizer, prompt_format)
-    rows = [prompt_format.prompt_ids(tokenizer, q["question"], q["options"]) + head for q in batch]
-    input_ids, mask, positions = left_padded(rows, tokenizer.pad_token_id, model.device)
+    head, letter_ids = letter_token_ids(prompter)
+    inputs, positions, _ = prompt_batch(prompter, batch, model, suffix=head)
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+        logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits
     logprobs = torch.log_softmax(logits[:, -1].float(), -1)[:, letter_ids].tolist()
     return [ranked(dict(zip(LETTERS, row[:len(question["options"])]))) for question, row in zip(batch, logprobs)]
 
@@ -263,7 +279,13 @@ def generated_length(ids, eos):
     return ids.index(eos) + 1 if eos in ids else len(ids)
 
 
-def generate_answers(model, tokenizer, batch, prompt_format, args, streamer=None):
+def majority_vote(letters):
+    """The most frequent parsed letter (ties: the one seen first), or None when no sample was readable."""
+    votes = Counter(letter for letter in letters if letter)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def generate_answers(model, prompter, batch, args, streamer=None):
     """Batched generation from left-padded prompts, --num_return_sequences samples per question.
 
     Each sample is 'answered', 'unparsed' (text after the think block that names no option) or
@@ -272,16 +294,16 @@ def generate_answers(model, tokenizer, batch, prompt_format, args, streamer=None
     """
     import torch
 
-    prompts = [prompt_format.prompt_ids(tokenizer, q["question"], q["options"]) for q in batch]
-    input_ids, mask, _ = left_padded(prompts, tokenizer.pad_token_id, model.device)
+    tokenizer, prompt_format = prompter.tokenizer, prompter.format
+    inputs = prompter.batch([prompter.question_inputs(q) for q in batch], side="left", device=model.device)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     k = args.num_return_sequences
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             streamer=streamer, num_return_sequences=k, **sampling)
-    new_tokens = out[:, input_ids.shape[1]:].tolist()
+    with torch.no_grad():  # generate() derives positions (a VLM's too) from the attention mask
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, streamer=streamer, num_return_sequences=k,
+                             **sampling)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     outputs = []
     for i, question in enumerate(batch):
@@ -293,8 +315,7 @@ def generate_answers(model, tokenizer, batch, prompt_format, args, streamer=None
             samples.append({"text": text, "predicted": letter, "status": status,
                             "tokens": generated_length(ids, tokenizer.eos_token_id),
                             "finished": tokenizer.eos_token_id in ids})
-        votes = Counter(sample["predicted"] for sample in samples if sample["predicted"])
-        outputs.append({"predicted": votes.most_common(1)[0][0] if votes else None, "samples": samples})
+        outputs.append({"predicted": majority_vote(s["predicted"] for s in samples), "samples": samples})
     return outputs
 
 
@@ -356,7 +377,7 @@ def summarize(records, seconds):
     return summary
 
 
-def evaluate(model, tokenizer, questions, prompt_format, method, args):
+def evaluate(model, prompter, questions, method, args):
     """Run one method over the questions in batches; per-question records and their summary."""
     from tqdm import tqdm
 
@@ -365,32 +386,32 @@ def evaluate(model, tokenizer, questions, prompt_format, method, args):
         for i in range(0, len(questions), args.batch_size):
             batch = questions[i:i + args.batch_size]
             if method == "generate":
-                answers = generate_answers(model, tokenizer, batch, prompt_format, args)
+                answers = generate_answers(model, prompter, batch, args)
             else:
-                answers = METHODS[method](model, tokenizer, batch, prompt_format)
+                answers = METHODS[method](model, prompter, batch)
             for item, answer in zip(batch, answers):
                 records.append({"id": item["id"], "question": item["question"], "options": item["options"],
-                                "gold": item["answer_label"], "predicted": answer["predicted"],
-                                "correct": answer["predicted"] == item["answer_label"],
+                                "figure_path": item.get("figure_path"), "gold": item["answer_label"],
+                                "predicted": answer["predicted"], "correct": answer["predicted"] == item["answer_label"],
                                 "option_scores": answer.get("option_scores"), "samples": answer.get("samples")})
             bar.update(len(batch))
     return {**summarize(records, time.time() - start), "records": records}
 
 
-def paired_comparison(tuned, base, resamples=10_000, seed=0):
-    """Fine-tuned minus base accuracy on the same questions: a paired bootstrap 95% interval and the exact
-    McNemar p-value (two-sided binomial test on the discordant pairs)."""
+def paired_comparison(first, second, resamples=10_000, seed=0):
+    """first minus second accuracy on the same questions (fine-tuned vs base, a figure vs a blank one): a paired
+    bootstrap 95% interval and the exact McNemar p-value (two-sided binomial test on the discordant pairs)."""
     import numpy as np
 
-    base_right = {r["id"]: r["correct"] for r in base["records"]}
-    diff = np.array([int(r["correct"]) - int(base_right[r["id"]]) for r in tuned["records"]])
-    only_tuned, only_base = int((diff == 1).sum()), int((diff == -1).sum())
+    second_right = {r["id"]: r["correct"] for r in second["records"]}
+    diff = np.array([int(r["correct"]) - int(second_right[r["id"]]) for r in first["records"]])
+    only_first, only_second = int((diff == 1).sum()), int((diff == -1).sum())
     means = np.random.default_rng(seed).choice(diff, size=(resamples, len(diff))).mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
-    discordant = only_tuned + only_base
-    tail = sum(math.comb(discordant, i) for i in range(min(only_tuned, only_base) + 1)) / 2 ** discordant
+    discordant = only_first + only_second
+    tail = sum(math.comb(discordant, i) for i in range(min(only_first, only_second) + 1)) / 2 ** discordant
     return {"n": len(diff), "accuracy_difference": float(diff.mean()), "bootstrap_ci95": [float(low), float(high)],
-            "only_fine_tuned_correct": only_tuned, "only_base_correct": only_base,
+            "only_first_correct": only_first, "only_second_correct": only_second,
             "mcnemar_exact_p": min(1.0, 2 * tail)}
 
 
@@ -401,33 +422,62 @@ def agreement(results):
                 for b in predictions} for a in predictions}
 
 
-def evaluate_all(model, tokenizer, prompt_format, args):
+def evaluate_all(model, prompter, args):
+    """Every model (fine-tuned, base) x figure (real, blank) x method asked; the pairs that answer a question:
+    what fine-tuning added, and what the figure adds."""
     questions = load_eval_questions(args)
     methods = {"both": ["score", "generate"], "all": ["score", "letter", "generate"]}.get(args.method, [args.method])
     models = {"base" if args.no_adapter else "fine_tuned": contextlib.nullcontext}
     if args.compare_base:
         models["base"] = model.disable_adapter  # the same weights with LoRA switched off: no second load
-    results = {}
+    figures = {"": None, "blank_image/": "blank"} if args.image_control == "blank" else {"": None}
+    results, pairs = {}, []
     for name, context in models.items():
         with context():
-            for method in methods:
-                results[f"{name}/{method}"] = evaluate(model, tokenizer, questions, prompt_format, method, args)
-    report = {"results": results}
+            for figure, control in figures.items():
+                asked = prompter.replaced(image_control=control)
+                for method in methods:
+                    results[f"{name}/{figure}{method}"] = evaluate(model, asked, questions, method, args)
+                    if figure:
+                        pairs.append((f"{name}/{method}", f"{name}/{figure}{method}"))
     if args.compare_base:
-        report["paired"] = {method: paired_comparison(results[f"fine_tuned/{method}"], results[f"base/{method}"])
-                            for method in methods}
+        pairs += [(f"fine_tuned/{method}", f"base/{method}") for method in methods]
+    report = {"results": results,
+              "paired": {f"{a} - {b}": paired_comparison(results[a], results[b]) for a, b in pairs}}
     if len(methods) > 1:
         report["agreement"] = {name: agreement({m: results[f"{name}/{m}"] for m in methods}) for name in models}
     return report
 
 
+def combined_report(named_files):
+    """--report NAME=FILE ...: the results of several evaluation_results.json as one report, rows and pairs
+    named NAME/...; the first row of each later file is also paired with the first file's first row when both
+    answered the same questions (a VLM against a text-only model on the same held-out set)."""
+    report, firsts = {"results": {}, "paired": {}}, []
+    for item in named_files:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise UsageError(f"--report takes NAME=FILE with an evaluation_results.json, got {item!r}")
+        loaded = json.loads(Path(path).read_text())
+        report["results"].update({f"{name}/{row}": r for row, r in loaded["results"].items()})
+        report["paired"].update({" - ".join(f"{name}/{side}" for side in pair.split(" - ")): p
+                                 for pair, p in loaded.get("paired", {}).items()})
+        firsts.append(f"{name}/{next(iter(loaded['results']))}")
+    first = report["results"][firsts[0]]
+    for other in firsts[1:]:
+        if {r["id"] for r in report["results"][other]["records"]} == {r["id"] for r in first["records"]}:
+            report["paired"][f"{firsts[0]} - {other}"] = paired_comparison(first, report["results"][other])
+    return report
+
+
 def print_report(report):
     results = report["results"]
-    print(f"{'model/method':<22}{'n':>6}{'accuracy':>10}{'95% CI':>17}{'unparsed':>10}{'no answer':>10}"
+    width = max(map(len, results)) + 2
+    print(f"{'model/method':<{width}}{'n':>6}{'accuracy':>10}{'95% CI':>17}{'unparsed':>10}{'no answer':>10}"
           f"{'majority':>10}{'q/s':>9}")
     for name, r in results.items():
         ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-        print(f"{name:<22}{r['n']:>6}{r['accuracy']:>10.3f}{ci:>17}{r['parse_failure_rate']:>10.3f}"
+        print(f"{name:<{width}}{r['n']:>6}{r['accuracy']:>10.3f}{ci:>17}{r['parse_failure_rate']:>10.3f}"
               f"{r['no_answer_within_budget_rate']:>10.3f}{r['majority_letter_baseline']:>10.3f}"
               f"{r['questions_per_second']:>9.1f}")
     first = next(iter(results.values()))
@@ -438,34 +488,64 @@ def print_report(report):
             print(f"WARNING {name}: {r['collapse_warning']}")
         if "mean_sample_accuracy" in r and r["n"] and len(r["records"][0]["samples"]) > 1:
             print(f"{name}: majority vote {r['accuracy']:.3f}, mean per sample {r['mean_sample_accuracy']:.3f}")
-    for method, p in report.get("paired", {}).items():
-        print(f"fine_tuned - base ({method}): {p['accuracy_difference']:+.3f} [{p['bootstrap_ci95'][0]:+.3f}, "
+    for pair, p in report.get("paired", {}).items():
+        print(f"{pair}: {p['accuracy_difference']:+.3f} [{p['bootstrap_ci95'][0]:+.3f}, "
               f"{p['bootstrap_ci95'][1]:+.3f}] paired bootstrap 95%; McNemar exact p = {p['mcnemar_exact_p']:.3g} "
-              f"({p['only_fine_tuned_correct']} vs {p['only_base_correct']} discordant)")
+              f"({p['only_first_correct']} vs {p['only_second_correct']} discordant)")
     if any(r.get("mean_generated_tokens") for r in results.values()):
         print("note: score and letter rank the options without letting the model think; for a reasoning model "
               "used zero-shot, generate with a thinking budget is the fair number")
 
 
 # --- Modes ------------------------------------------------------------------------------------------------
-def answer_and_show(model, tokenizer, question, options, args, prompt_format):
+def answer_and_show(model, prompter, question, args):
+    """Stream the model's answer to one question (a dict: question, options, and image or figure_path)."""
     from transformers import TextStreamer
 
-    print(f"\nQ: {question}")
-    for letter, text in zip(LETTERS, options):
+    print(f"\nQ: {question['question']}")
+    for letter, text in zip(LETTERS, question["options"]):
         print(f"   {letter}: {text}")
+    if prompter.reads_images:
+        print(f"   [figure: {question.get('figure_path') or args.image}]")
     print("model: ", end="", flush=True)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    [answer] = generate_answers(model, tokenizer, [{"question": question, "options": options}], prompt_format,
-                                args, streamer)
-    print(f"-> parsed answer: {answer['predicted'] or answer['samples'][0]['status']}")
+    streamer = TextStreamer(prompter.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    [answer] = generate_answers(model, prompter, [question], args, streamer)
+    gold = f" (gold {question['answer_label']})" if "answer_label" in question else ""
+    print(f"-> parsed answer: {answer['predicted'] or answer['samples'][0]['status']}{gold}")
 
 
-def interactive(model, tokenizer, args, prompt_format):
+def figure_from(path, prompter):
+    """The image a user named with --image (or typed), as the model will see it; None for a text model."""
+    if not prompter.reads_images:
+        return None
+    if not path:
+        raise UsageError("this model reads the figure: pass --image PATH")
+    image, why = model_kinds.open_image(path)
+    if image is None:
+        raise UsageError(f"--image {path}: {why.replace('_', ' ')}")
+    return image
+
+
+def demo_questions(args, prompter):
+    """Three questions to show: the built-in text ones, or for a model that reads figures the first three of
+    --data_path's test split (a figure is needed, and the processed data has them)."""
+    if not prompter.reads_images:
+        return [{"question": question, "options": options} for question, options in DEMO_QUESTIONS]
+    if not (Path(args.data_path) / "dataset_dict.json").exists():
+        raise UsageError("a vision-language model needs a figure: pass --question with --image, or --data_path "
+                         "with a processed dataset to show its first test questions")
+    return load_eval_questions(argparse.Namespace(**{**vars(args), "num_samples": 3}))
+
+
+def interactive(model, prompter, args):
     """A REPL over plain text: nothing typed is ever evaluated or executed."""
-    print("Type a question, then its options one per line as 'A: text' and an empty line. Ctrl-D quits.")
+    figure = "an image path (empty: the last one), then " if prompter.reads_images else ""
+    print(f"Type {figure}a question, then its options one per line as 'A: text' and an empty line. Ctrl-D quits.")
+    image_path = args.image
     while True:
         try:
+            if prompter.reads_images:
+                image_path = input("\nimage> ").strip() or image_path
             question = input("\nquestion> ").strip()
             if not question:
                 continue
@@ -482,7 +562,12 @@ def interactive(model, tokenizer, args, prompt_format):
         if len(options) < 2:
             print("error: give at least two options")
             continue
-        answer_and_show(model, tokenizer, question, options, args, prompt_format)
+        try:
+            image = figure_from(image_path, prompter)
+        except UsageError as err:
+            print(f"error: {err}")
+            continue
+        answer_and_show(model, prompter, {"question": question, "options": options, "image": image}, args)
 
 
 # --- Reasoning traces (rejection-sampling fine-tuning: QUICKSTART_GUIDE.md, "Keep the reasoning") ------------
@@ -504,7 +589,7 @@ def resume_traces(path, k):
     return done
 
 
-def generate_traces(model, tokenizer, prompt_format, args):
+def generate_traces(model, prompter, args):
     """Append k sampled traces per question to the traces file, one JSON line each, flushed per question."""
     from tqdm import tqdm
 
@@ -516,9 +601,9 @@ def generate_traces(model, tokenizer, prompt_format, args):
     with open(path, "a", encoding="utf-8") as out, tqdm(total=len(questions), unit="q", disable=None) as bar:
         for i in range(0, len(questions), args.batch_size):
             batch = questions[i:i + args.batch_size]
-            for question, answer in zip(batch, generate_answers(model, tokenizer, batch, prompt_format, args)):
+            for question, answer in zip(batch, generate_answers(model, prompter, batch, args)):
                 for index, sample in enumerate(answer["samples"]):
-                    reasoning, answer_text = prompt_format.split_reasoning(sample["text"])
+                    reasoning, answer_text = prompter.format.split_reasoning(sample["text"])
                     out.write(json.dumps({"id": question["id"], "sample": index, "reasoning": reasoning,
                                           "answer": answer_text, "predicted": sample["predicted"],
                                           "gold": question["answer_label"],
@@ -537,34 +622,38 @@ def generate_traces(model, tokenizer, prompt_format, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:
+        print_report(combined_report(args.report))
+        return
     options = parse_choices(args.choices) if args.question and args.choices else None
-    model, tokenizer = load_model(args)
-    if (Path(args.data_path) / "preprocessing_stats.json").exists() or args.evaluate or args.generate_traces:
-        prompt_format = common.PromptFormat.from_processed(args.data_path, tokenizer)  # ask as training did
-    else:
-        prompt_format = common.PromptFormat.for_tokenizer(tokenizer)
+    model, prompter = load_model(args)
+    if args.image_control != "none" and not prompter.reads_images:
+        raise UsageError("--image_control needs a vision-language model: a text model never sees the figure")
 
     if args.evaluate:
-        report = evaluate_all(model, tokenizer, prompt_format, args)
+        report = evaluate_all(model, prompter, args)
         print_report(report)
         beside = Path(args.model_name_or_path if args.no_adapter else args.adapter_path)
         output = Path(args.output_file or (beside if beside.is_dir() else Path(".")) / "evaluation_results.json")
         common.write_json_atomic(output, {"model_name_or_path": args.model_name_or_path,
                                           "adapter_path": None if args.no_adapter else args.adapter_path,
                                           "data_path": args.data_path, "split": args.split,
-                                          "prompt_format": prompt_format.as_config(), **report})
+                                          "prompt_format": prompter.format.as_config(),
+                                          "reads_images": prompter.reads_images, **report})
         print(f"wrote {output}")
     elif args.generate_traces:
-        generate_traces(model, tokenizer, prompt_format, args)
+        generate_traces(model, prompter, args)
     elif args.interactive:
-        interactive(model, tokenizer, args, prompt_format)
+        interactive(model, prompter, args)
     elif args.question:
         # shown to the model only if training showed options too; the parser matches its answer either way
-        shown = dataclasses.replace(prompt_format, include_choices=prompt_format.include_choices and bool(options))
-        answer_and_show(model, tokenizer, args.question, options or [], args, shown)
+        shown = prompter.replaced(format=dataclasses.replace(
+            prompter.format, include_choices=prompter.format.include_choices and bool(options)))
+        question = {"question": args.question, "options": options or [], "image": figure_from(args.image, prompter)}
+        answer_and_show(model, shown, question, args)
     else:
-        for question, options in DEMO_QUESTIONS:
-            answer_and_show(model, tokenizer, question, options, args, prompt_format)
+        for question in demo_questions(args, prompter):
+            answer_and_show(model, prompter, question, args)
 
 
 if __name__ == "__main__":

@@ -4,42 +4,59 @@
     python preprocess_pmc_vqa_for_sft.py --data_path demo_assets/PMC-VQA \\
         --model_name_or_path demo_assets/tiny-r1-llama --output_dir demo_outputs/processed
 
+    python preprocess_pmc_vqa_for_sft.py --data_path demo_assets/PMC-VQA-images \
+        --model_name_or_path demo_assets/tiny-llava --output_dir demo_outputs/vlm-processed   # a VLM: figures too
+
 Writes <output_dir>/ (train / validation / test, unpadded: input_ids, attention_mask, labels, and readable
 id, question, options, answer_label, figure_path, prompt, completion), examples.json and
-preprocessing_stats.json. Rows whose gold letter is not certain are dropped and counted by reason.
-The output appears only when complete: it is built under a temporary name and renamed at the end.
+preprocessing_stats.json. Rows whose gold letter is not certain are dropped and counted by reason; for a
+vision-language model, so are rows whose figure cannot be used (pixels are not stored: the training
+collator reads each figure from --image_root). The output appears only when complete: it is built under a
+temporary name and renamed at the end.
 """
 import os
 import shutil
 from pathlib import Path
 
 import common
+import model_kinds
 from common import LETTERS, UsageError
 
 V1_COLUMNS = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
 V2_COLUMNS = ["Figure_path", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer"]
 SPLIT_FILES = {"v1": ("train.csv", {"test_clean": "test_clean.csv", "test": "test.csv"}),
                "v2": ("train_2.csv", {"test_clean": "test_2.csv", "test": "test_2.csv"})}
+IMAGE_FOLDERS = {"v1": "images", "v2": "figures"}  # where images.zip / images_2.zip unzip
 
 
 def make_parser():
     parser = common.make_parser(__doc__)
     parser.add_argument("--data_path", default=common.PMC_VQA_DIR,
                         help="PMC-VQA folder, one CSV, or a saved HF dataset folder (default: %(default)s)")
-    parser.add_argument("--test_file", choices=["test_clean", "test"], default="test_clean",
-                        help="v1 test set: test_clean.csv, the paper's hand-checked 2k, or test.csv, 50k "
-                             "(default: %(default)s; v2 always uses test_2.csv)")
+    parser.add_argument("--data_version", choices=["auto", "v1", "v2"], default="auto",
+                        help="which release in a folder holding both train.csv (v1) and train_2.csv (v2) "
+                             "(default: %(default)s = v1 if present)")
+    parser.add_argument("--test_file", default="test_clean",
+                        help="v1 test set: test_clean (test_clean.csv, the paper's hand-checked 2k) or test "
+                             "(test.csv, 50k); or the path of any test CSV (v2 uses test_2.csv) (default: %(default)s)")
+    parser.add_argument("--image_root", default=None,
+                        help="folder the Figure_path column is relative to; read only for a vision-language model "
+                             "(default: <data folder>/images for v1, <data folder>/figures for v2)")
+    parser.add_argument("--max_pixels", type=int, default=None,
+                        help="cap on a figure's pixels for processors that resize to a pixel budget (Qwen-VL): "
+                             "an image becomes about max_pixels / 784 tokens; 256-512 x 28 x 28 suits PMC "
+                             "figures (default: the processor's own)")
     parser.add_argument("--model_name_or_path", default=common.MODEL_PATH,
                         help="model whose tokenizer and chat template to use (default: %(default)s)")
     parser.add_argument("--output_dir", default=common.PROCESSED_DIR, help="where to write (default: %(default)s)")
     parser.add_argument("--max_length", type=int, default=2048,
                         help="longest prompt+completion in tokens; longer rows are dropped, never cut "
                              "(default: %(default)s)")
-    parser.add_argument("--no_include_choices", dest="include_choices", action="store_false",
-                        help="question only, no options A-D in the prompt; the completion then states the option "
-                             "text without a letter (default: options shown, 'Answer: B. text')")
-    parser.add_argument("--add_reasoning", action="store_true",
-                        help="ask the model to think first; the completion opens with a one-line rationale")
+    common.add_switch(parser, "include_choices", True,
+                      "show the options A-D in the prompt and answer 'Answer: B. text'; --no_include_choices: the "
+                      "question only, and the completion states the option text without a letter")
+    common.add_switch(parser, "add_reasoning", False,
+                      "ask the model to think first; the completion opens with a one-line rationale")
     parser.add_argument("--reasoning_traces", default=None,
                         help="traces.jsonl from inference_example.py --generate_traces: a training row whose "
                              "question has a correct trace learns its shortest one as the reasoning (default: none)")
@@ -71,6 +88,10 @@ def parse_args(argv=None):
                          "python inference_example.py --generate_traces")
     if args.max_length < 16 or args.num_proc < 1:
         raise UsageError("--max_length must be at least 16 and --num_proc at least 1")
+    if args.max_pixels is not None and args.max_pixels < 28 * 28:
+        raise UsageError(f"--max_pixels must be at least 784 (one 28x28 patch), got {args.max_pixels}")
+    if args.test_file not in ("test_clean", "test") and not Path(args.test_file).is_file():
+        raise UsageError(f"--test_file {args.test_file} is neither test_clean, test nor a CSV file")
     return args
 
 
@@ -101,30 +122,40 @@ def detect_schema(frame, source):
                      f"or v2 {V2_COLUMNS}")
 
 
-def load_sources(data_path, test_file):
-    """{split_name: pandas frame} from a PMC-VQA folder, one CSV, or a saved HF dataset folder."""
+def load_sources(data_path, test_file, data_version):
+    """({split_name: pandas frame}, default image root) from a PMC-VQA folder, one CSV, or a saved HF dataset."""
     path = Path(data_path)
     if not path.exists():
-        raise UsageError(f"--data_path {data_path} does not exist; download PMC-VQA (see README.md) or set "
+        raise UsageError(f"--data_path {data_path} does not exist; download PMC-VQA (QUICKSTART_GUIDE.md) or set "
                          "PMC_VQA_DIR in common.py")
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise UsageError(f"--data_path {data_path} is a file but not a .csv; pass a CSV or the PMC-VQA folder")
-        return {"train": read_csv(path)}
-    if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+        sources = {"train": read_csv(path)}
+        folder = path.parent
+    elif (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
         from datasets import load_from_disk
 
         loaded = load_from_disk(str(path))
         splits = loaded if hasattr(loaded, "keys") else {"train": loaded}
-        return {name: split.to_pandas().astype(str) for name, split in splits.items()}
-    for version, (train_name, tests) in SPLIT_FILES.items():
-        if (path / train_name).exists():
-            sources = {"train": read_csv(path / train_name)}
-            if (path / tests[test_file]).exists():
-                sources["test"] = read_csv(path / tests[test_file])
-            return sources
-    raise UsageError(f"{data_path} holds neither train.csv (v1) nor train_2.csv (v2) nor a saved dataset; "
-                     "point --data_path at the unzipped PMC-VQA folder")
+        sources, folder = {name: split.to_pandas().astype(str) for name, split in splits.items()}, path
+    else:
+        versions = [v for v, (train_name, _) in SPLIT_FILES.items() if (path / train_name).exists()
+                    and data_version in ("auto", v)]
+        if not versions:
+            raise UsageError(f"{data_path} holds neither train.csv (v1) nor train_2.csv (v2) nor a saved dataset"
+                             f"{'' if data_version == 'auto' else f' of --data_version {data_version}'}; point "
+                             "--data_path at the unzipped PMC-VQA folder")
+        if len(versions) > 1:
+            print(f"{data_path} holds v1 and v2; using v1 (--data_version v2 for the other)")
+        train_name, tests = SPLIT_FILES[versions[0]]
+        sources, folder = {"train": read_csv(path / train_name)}, path
+        test = path / tests.get(test_file, "")
+        if test.is_file():
+            sources["test"] = read_csv(test)
+    if test_file not in ("test_clean", "test"):
+        sources["test"] = read_csv(test_file)
+    return sources, folder / IMAGE_FOLDERS[detect_schema(sources["train"], data_path)]
 
 
 def strip_choice(cells, letter):
@@ -239,22 +270,23 @@ def create_conversation(question, options, letter, prompt_format, reasoning=None
     return prompt_format.user_turn(question, options), prompt_format.completion(letter, options, reasoning)
 
 
-def tokenize_batch(batch, tokenizer, prompt_format):
-    """datasets.map(batched=True) body: render, tokenize once per batch, mask the prompt in labels."""
-    prompts, completions = [], []
+def tokenize_batch(batch, prompter):
+    """datasets.map(batched=True) body: render, tokenize once per batch, mask the prompt in labels. A row the
+    prompter cannot use (a VLM's unreadable figure) gets a drop reason and is counted, then dropped."""
+    users, completions = [], []
     for question, options, letter, reasoning in zip(batch["question"], batch["options"], batch["answer_label"],
                                                     batch["reasoning"]):
-        user, completion = create_conversation(question, options, letter, prompt_format, reasoning)
-        prompts.append(common.build_prompt(tokenizer, user))
+        user, completion = create_conversation(question, options, letter, prompter.format, reasoning)
+        users.append(user)
         completions.append(completion)
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
+    prompts, prompt_ids, reasons = prompter.encode_prompts(users, batch["figure_path"])
+    completion_ids = prompter.tokenizer(completions, add_special_tokens=False)["input_ids"]
+    eos = prompter.tokenizer.eos_token_id
     input_ids = [p + c + [eos] for p, c in zip(prompt_ids, completion_ids)]
     # Labels come from the prompt length, never from input_ids != pad: R1's pad may equal eos.
     labels = [[-100] * len(p) + c + [eos] for p, c in zip(prompt_ids, completion_ids)]
     return {"prompt": prompts, "completion": completions, "input_ids": input_ids,
-            "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels,
+            "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels, "drop_reason": reasons,
             "prompt_length": [len(p) for p in prompt_ids], "completion_length": [len(c) + 1 for c in completion_ids]}
 
 
@@ -314,26 +346,29 @@ def build_splits(sources, args):
     return frames, dropped, rows_read
 
 
-def tokenize_splits(frames, tokenizer, prompt_format, args, dropped):
+def tokenize_splits(frames, prompter, args, dropped):
     from datasets import DatasetDict
 
     splits = DatasetDict()
     for name, frame in frames.items():
         dataset = to_dataset(frame).map(  # worker start-up costs more than it saves on small splits
             tokenize_batch, batched=True, num_proc=args.num_proc if len(frame) >= 2000 else None,
-            fn_kwargs={"tokenizer": tokenizer, "prompt_format": prompt_format}, desc=f"tokenizing {name}")
-        fits = column(dataset, "prompt_length") + column(dataset, "completion_length") <= args.max_length
-        if not fits.all():
-            dropped["longer_than_max_length"] = dropped.get("longer_than_max_length", 0) + int((~fits).sum())
-            dataset = dataset.select(fits.nonzero()[0]).flatten_indices()  # so column() sees only kept rows
+            fn_kwargs={"prompter": prompter}, desc=f"tokenizing {name}")
+        reasons = column(dataset, "drop_reason")
+        too_long = column(dataset, "prompt_length") + column(dataset, "completion_length") > args.max_length
+        reasons[(reasons == "") & too_long] = "longer_than_max_length"
+        for why in sorted(set(reasons) - {""}):
+            dropped[why] = dropped.get(why, 0) + int((reasons == why).sum())
+        if (reasons != "").any():
+            dataset = dataset.select((reasons == "").nonzero()[0]).flatten_indices()  # column() sees kept rows
         if not len(dataset):
-            raise UsageError(f"every row of the {name} split is longer than --max_length {args.max_length}; "
-                             "raise --max_length")
+            raise UsageError(f"no row of the {name} split is usable (dropped: {dropped}); raise --max_length, or "
+                             "check --image_root for a vision-language model")
         splits[name] = dataset
     return splits
 
 
-def preprocessing_stats(splits, dropped, rows_read, prompt_format, args, trace_counts):
+def preprocessing_stats(splits, dropped, rows_read, prompter, args, trace_counts):
     kept = sum(len(split) for split in splits.values())
     return {
         "rows_read": rows_read, "rows_kept": kept, "rows_dropped": dict(sorted(dropped.items())),
@@ -344,7 +379,10 @@ def preprocessing_stats(splits, dropped, rows_read, prompt_format, args, trace_c
         "answer_distribution": {name: letter_counts(column(split, "answer_label")) for name, split in splits.items()},
         "reasoning_traces": trace_counts,
         "config": {"data_path": str(args.data_path), "model_name_or_path": args.model_name_or_path,
-                   "max_length": args.max_length, **prompt_format.as_config(), "val_ratio": args.val_ratio,
+                   "max_length": args.max_length, **prompter.format.as_config(),
+                   "reads_images": prompter.reads_images,
+                   "image_root": str(prompter.image_root.resolve()) if prompter.reads_images else None,
+                   "max_pixels": args.max_pixels, "data_version": args.data_version, "val_ratio": args.val_ratio,
                    "seed": args.seed, "test_file": args.test_file, "sample_size": args.sample_size,
                    "reasoning_traces": args.reasoning_traces, "traces_fallback": args.traces_fallback},
     }
@@ -376,21 +414,24 @@ def save_atomically(splits, stats, examples, output_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    sources = load_sources(args.data_path, args.test_file)
+    sources, image_root = load_sources(args.data_path, args.test_file, args.data_version)
     frames, dropped, rows_read = build_splits(sources, args)
     trace_counts = attach_traces(frames, args, dropped)
-    tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    prompt_format = common.PromptFormat.for_tokenizer(tokenizer, args.include_choices, args.add_reasoning)
-    splits = tokenize_splits(frames, tokenizer, prompt_format, args, dropped)
-    stats = preprocessing_stats(splits, dropped, rows_read, prompt_format, args, trace_counts)
-    splits = splits.remove_columns(["prompt_length", "completion_length", "reasoning"])
-    save_atomically(splits, stats, rendered_examples(splits["train"], tokenizer), args.output_dir)
+    prompter = model_kinds.Prompter.for_model(args.model_name_or_path, args.include_choices, args.add_reasoning,
+                                              args.trust_remote_code, args.image_root or image_root, args.max_pixels)
+    splits = tokenize_splits(frames, prompter, args, dropped)
+    stats = preprocessing_stats(splits, dropped, rows_read, prompter, args, trace_counts)
+    splits = splits.remove_columns(["prompt_length", "completion_length", "reasoning", "drop_reason"])
+    save_atomically(splits, stats, rendered_examples(splits["train"], prompter.tokenizer), args.output_dir)
 
     print(f"read {rows_read} rows, kept {stats['rows_kept']}, dropped {sum(dropped.values())}: {dropped}")
     print(f"splits: {stats['splits']}")
+    if prompter.reads_images:
+        print(f"figures read from {prompter.image_root}")
     print(f"wrote {args.output_dir}/ (+ examples.json, preprocessing_stats.json)")
     print(f"next: python train_sft_example.py --data_path {args.output_dir} "
           f"--model_name_or_path {args.model_name_or_path}")
+    return stats
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
-"""Self-check before a long job: preprocess 10 rows of your data and verify the format invariants.
+"""Self-check before a long job: preprocess 10 rows of each split of your data and verify the format invariants.
 
     python test_preprocessing.py                                    # your PMC-VQA folder and model (common.py)
     python test_preprocessing.py --data_path demo_assets/PMC-VQA --model_name_or_path demo_assets/tiny-r1-llama
+    python test_preprocessing.py --data_path demo_assets/PMC-VQA-images --model_name_or_path demo_assets/tiny-llava
 
 Runs the real preprocessing into a temporary folder, prints two examples with the trained region marked
 [[like this]], and checks what training relies on: no bos beyond the template's; prompt ids equal to the ids
-inference feeds the model; labels -100 on the prompt, every completion token trained, eos last;
-the answer parser reads each completion back to its gold letter. Exit status 0 = all good, 1 = a broken
+inference feeds the model (a vision-language model's figure included); labels -100 on the prompt, every
+completion token trained, eos last; the answer parser reads each completion back to its gold letter. Exit status 0 = all good, 1 = a broken
 invariant (the message says which), 2 = bad input.
 """
+import contextlib
+import io
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import common
+import model_kinds
 
 
 def make_parser():
@@ -22,8 +26,12 @@ def make_parser():
     parser.add_argument("--data_path", default=common.PMC_VQA_DIR, help="PMC-VQA folder or CSV (default: %(default)s)")
     parser.add_argument("--model_name_or_path", default=common.MODEL_PATH,
                         help="tokenizer to use (default: %(default)s)")
-    parser.add_argument("--add_reasoning", action="store_true", help="check the format of --add_reasoning")
-    parser.add_argument("--no_include_choices", action="store_true", help="check the format without options")
+    common.add_switch(parser, "add_reasoning", False, "check the format of --add_reasoning")
+    common.add_switch(parser, "include_choices", True, "check the format with the options shown")
+    parser.add_argument("--image_root", default=None,
+                        help="a vision-language model's figures (default: as preprocess_pmc_vqa_for_sft.py)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow the model folder to run its own code")
     parser.add_argument("--num_rows", type=int, default=10, help="rows per split to process (default: %(default)s)")
     return parser
 
@@ -35,11 +43,11 @@ def parse_args(argv=None):
     return args
 
 
-def check_row(row, tokenizer, prompt_format):
+def check_row(row, prompter):
     """The broken invariants of one processed row, as readable sentences (empty when all hold)."""
-    problems = []
+    problems, tokenizer = [], prompter.tokenizer
     ids, labels = row["input_ids"], row["labels"]
-    prompt_ids = prompt_format.prompt_ids(tokenizer, row["question"], row["options"])
+    prompt_ids = prompter.prompt_ids(row)
     n = len(prompt_ids)
     bos = tokenizer.bos_token_id  # the prompt ids are the rendered template's: whatever bos it wrote, no more
     if bos is not None and ids.count(bos) != prompt_ids.count(bos):
@@ -52,7 +60,10 @@ def check_row(row, tokenizer, prompt_format):
         problems.append("a completion token is not trained")
     if ids[-1] != tokenizer.eos_token_id or labels[-1] != tokenizer.eos_token_id:
         problems.append("the row does not end with a trained eos")
-    if prompt_format.parse(row["completion"], row["options"]) != row["answer_label"]:
+    image_token = getattr(prompter.processor, "image_token_id", None)
+    if image_token is not None and image_token in [label for label in labels if label != -100]:
+        problems.append("an image token is trained")
+    if prompter.format.parse(row["completion"], row["options"]) != row["answer_label"]:
         problems.append("the parser does not read the completion back to the gold letter")
     return problems
 
@@ -71,17 +82,20 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         flags = ["--data_path", args.data_path, "--model_name_or_path", args.model_name_or_path,
-                 "--output_dir", f"{tmp}/processed", "--sample_size", str(args.num_rows), "--num_proc", "1"]
-        format_flags = [f"--{name}" for name in ("add_reasoning", "no_include_choices") if getattr(args, name)]
-        preprocess.main(flags + format_flags)
+                 "--output_dir", f"{tmp}/processed", "--sample_size", str(args.num_rows), "--num_proc", "1",
+                 "--add_reasoning" if args.add_reasoning else "--no_add_reasoning",
+                 "--include_choices" if args.include_choices else "--no_include_choices"]
+        flags += ["--image_root", args.image_root] * bool(args.image_root) + ["--trust_remote_code"] * \
+            args.trust_remote_code
+        with contextlib.redirect_stdout(io.StringIO()):  # its "next:" line would point into this temporary folder
+            stats = preprocess.main(flags)
         splits = load_from_disk(f"{tmp}/processed")
-        stats = json.loads(Path(f"{tmp}/processed/preprocessing_stats.json").read_text())
-        tokenizer = common.load_tokenizer(args.model_name_or_path)
-        prompt_format = common.PromptFormat.from_processed(f"{tmp}/processed", tokenizer)
-    for row in splits["train"].select(range(min(2, len(splits["train"])))):
-        show(row, tokenizer)
-    failures = [f"{row['id']}: {problem}" for split in splits.values() for row in split
-                for problem in check_row(row, tokenizer, prompt_format)]
+        prompter = model_kinds.Prompter.from_processed(f"{tmp}/processed", args.model_name_or_path,
+                                                       args.trust_remote_code)
+        for row in splits["train"].select(range(min(2, len(splits["train"])))):
+            show(row, prompter.tokenizer)
+        failures = [f"{row['id']}: {problem}" for split in splits.values() for row in split
+                    for problem in check_row(row, prompter)]
     dropped = sum(stats["rows_dropped"].values())
     if stats["rows_read"] != stats["rows_kept"] + dropped:
         failures.append(f"rows_read {stats['rows_read']} != rows_kept {stats['rows_kept']} + dropped {dropped}")
@@ -89,7 +103,8 @@ def main(argv=None):
         print("FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         sys.exit(1)
     checked = sum(len(split) for split in splits.values())
-    print(f"OK: {checked} rows checked in {sorted(splits)}; every invariant holds")
+    print(f"OK: {checked} rows checked in {sorted(splits)} ({args.num_rows} per split at most; dropped "
+          f"{stats['rows_dropped'] or 'none'}); every invariant holds")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 4 train_sft_example.py --data_path PMC-VQA-Processed   # DDP, same script
     accelerate launch --config_file configs/accelerate/fsdp.yaml train_sft_example.py ...
 
-    python train_sft_example.py --data_path demo_outputs/processed --model_name_or_path demo_assets/tiny-r1-llama \
+    python train_sft_example.py --data_path demo_outputs/processed --model_name_or_path demo_assets/tiny-r1-llama \\
         --output_dir demo_outputs/sft @configs/demo/train.args                   # a recipe file, then overrides
 
 Writes <output_dir>/checkpoint-*/, final_model/ (LoRA adapter + tokenizer + README), eval_results.json,
@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import common
+import model_kinds
 from common import UsageError
 
 
@@ -37,6 +38,9 @@ def make_parser():
     arg("--max_samples", type=int, default=None, help="train on at most this many rows (default: all)")
     arg("--num_epochs", type=float, default=1.0, help="passes over the training rows (default: %(default)s)")
     arg("--batch_size", type=int, default=4, help="rows per device per step (default: %(default)s)")
+    arg("--eval_batch_size", type=int, default=None,
+        help="rows per device in validation loss and accuracy scoring; no gradients are kept, so it can be "
+             "larger (default: --batch_size)")
     arg("--grad_accum", type=int, default=4, help="gradient accumulation steps (default: %(default)s)")
     arg("--learning_rate", type=float, default=2e-4, help="peak LR, cosine decay, 3%% warmup (default: %(default)s)")
     arg("--lora_r", type=int, default=16, help="LoRA rank (default: %(default)s)")
@@ -45,18 +49,20 @@ def make_parser():
     arg("--target_modules", nargs="+", default=["all-linear"],
         help="modules that get LoRA; 'all-linear' = every linear projection but the output head "
              "(q/k/v/o/gate/up/down_proj on Llama) (default: %(default)s)")
-    arg("--load_in_8bit", action="store_true", help="load the base in 8-bit (bitsandbytes)")
-    arg("--load_in_4bit", action="store_true", help="QLoRA: load the base in 4-bit nf4 with double quantization")
-    arg("--packing", action="store_true",
-        help="padding-free batches: rows are concatenated with per-row position_ids, so no token is padding and "
-             "no row attends to another. Fastest on GPUs with flash-attention; on CPU it is slower than the "
-             "default dynamic padding (no variable-length attention kernel there)")
-    arg("--group_by_length", action="store_true", help="batch rows of similar length together (less padding)")
-    arg("--gradient_checkpointing", action="store_true", help="trade compute for memory (non-reentrant)")
-    arg("--use_liger_kernel", action="store_true",
-        help="Liger's fused kernels (Trainer's own switch): the fused linear + cross-entropy never materialises the "
-             "[tokens, vocab] logits, the largest memory cost of the 8B's loss. Needs a CUDA GPU and "
-             "pip install liger-kernel")
+    switch = lambda name, default, text: common.add_switch(parser, name, default, text)  # noqa: E731
+    switch("load_in_8bit", False, "load the base in 8-bit (bitsandbytes)")
+    switch("load_in_4bit", False, "QLoRA: load the base in 4-bit nf4 with double quantization")
+    switch("packing", False,
+           "padding-free batches: rows are concatenated with per-row position_ids, so no token is padding and no "
+           "row attends to another; with flash-attention 2 (--attn_implementation) each row gets its own "
+           "variable-length attention. On CPU it is slower than the default dynamic padding. Text models only")
+    switch("group_by_length", False, "batch rows of similar length together (less padding)")
+    switch("gradient_checkpointing", False, "trade compute for memory (non-reentrant)")
+    switch("use_liger_kernel", False,
+           "Liger's fused kernels (Trainer's own switch): the fused linear + cross-entropy never materialises the "
+           "[tokens, vocab] logits, the largest memory cost of the 8B's loss. Needs a CUDA GPU and "
+           "pip install liger-kernel")
+    common.add_attn_implementation(parser)
     arg("--eval_steps", type=int, default=200,
         help="evaluate on validation and save a checkpoint every N steps: a checkpoint at every evaluation is what "
              "lets the best one become final_model/ (default: %(default)s)")
@@ -74,14 +80,28 @@ def make_parser():
     arg("--report_to", choices=["none", "tensorboard", "wandb"], default="none",
         help="where to stream metrics; tensorboard and wandb need their package installed (default: %(default)s)")
     arg("--seed", type=int, default=42, help="seed of LoRA init, dropout and data order (default: %(default)s)")
-    arg("--merge", action="store_true",
-        help="also save merged_model/: the base with the adapter folded in (16-bit bases only)")
+    switch("merge", False, "also save merged_model/: the base with the adapter folded in (16-bit bases only)")
     arg("--trust_remote_code", action="store_true", help="allow the model folder to run its own code")
     return parser
 
 
+def requested_engine():
+    """FSDP or DEEPSPEED when `accelerate launch --config_file ...` asked for one (it says so in these
+    variables), else None: DDP or a single process."""
+    for variable, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() in ("1", "true"):
+            return engine
+    return None
+
+
 def parse_args(argv=None):
     args = make_parser().parse_args(argv)
+    if requested_engine() == "FSDP" and (args.load_in_4bit or args.load_in_8bit):
+        raise UsageError("FSDP does not shard 4-bit or 8-bit weights (and bitsandbytes under FSDP2 is unsafe); "
+                         "the 8B in 4-bit fits one GPU: use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml")
+    if requested_engine() == "FSDP" and args.merge:
+        raise UsageError("--merge is not supported under FSDP; train without it, then merge on one process "
+                         "(QUICKSTART_GUIDE.md, 'Merging a QLoRA adapter')")
     if args.load_in_8bit and args.load_in_4bit:
         raise UsageError("--load_in_8bit and --load_in_4bit are exclusive; pick one (4-bit uses less memory)")
     if args.merge and (args.load_in_8bit or args.load_in_4bit):
@@ -89,7 +109,8 @@ def parse_args(argv=None):
                          "into the base reloaded in 16-bit (QUICKSTART_GUIDE.md, 'Merging a QLoRA adapter')")
     if args.packing and args.group_by_length:
         raise UsageError("--packing and --group_by_length both fight padding; pick one")
-    for name in ("batch_size", "grad_accum", "eval_steps", "logging_steps", "lora_r"):
+    args.eval_batch_size = args.eval_batch_size or args.batch_size
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_steps", "logging_steps", "lora_r"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_epochs <= 0 or (args.max_samples is not None and args.max_samples < 1):
@@ -111,12 +132,11 @@ def parse_args(argv=None):
     return args
 
 
-def load_processed_dataset(data_path, max_samples, accuracy_samples=0):
-    """train and validation splits with only the tensors the model needs, and the first accuracy_samples
+def load_processed_dataset(data_path, max_samples, accuracy_samples, columns):
+    """train and validation splits with only the columns the collator reads, and the first accuracy_samples
     validation questions as records for option scoring; clear errors for anything else."""
     hint = f"run: python preprocess_pmc_vqa_for_sft.py --output_dir {data_path}"
-    if not (Path(data_path) / "dataset_dict.json").exists():
-        raise UsageError(f"{data_path} is not a complete processed dataset (an interrupted or missing run); {hint}")
+    import pyarrow.compute as pc
     from datasets import load_from_disk
 
     splits = load_from_disk(str(data_path))
@@ -125,14 +145,14 @@ def load_processed_dataset(data_path, max_samples, accuracy_samples=0):
             raise UsageError(f"{data_path} lacks a '{name}' split with labels; {hint}")
         split = splits[name]
         if max_samples:
-            split = split.select(range(min(max_samples, len(split))))
-        if not len(split) or not any(t != -100 for labels in split["labels"] for t in labels):
+            split = split.select(range(min(max_samples, len(split))))  # contiguous: a slice, no index map
+        labels = pc.list_flatten(split.data.column("labels"))  # Arrow: no 50M Python ints for the full train set
+        if not len(split) or not pc.any(pc.not_equal(labels, -100)).as_py():
             raise UsageError(f"the {name} split of {data_path} has no trainable tokens; {hint}")
         splits[name] = split
     questions = splits["validation"].select(range(min(accuracy_samples, len(splits["validation"]))))
-    questions = questions.select_columns(["id", "question", "options", "answer_label"]).to_list()
-    tensors = ["input_ids", "attention_mask", "labels"]
-    return splits["train"].select_columns(tensors), splits["validation"].select_columns(tensors), questions
+    questions = questions.select_columns(list(common.QUESTION_COLUMNS)).to_list()
+    return splits["train"].select_columns(columns), splits["validation"].select_columns(columns), questions
 
 
 def pick_precision():
@@ -145,48 +165,69 @@ def pick_precision():
     return dtype, {"bf16": True} if dtype == torch.bfloat16 else {"fp16": True}
 
 
-def setup_model_and_tokenizer(args, dtype):
-    """Base model (optionally 8/4-bit) with LoRA adapters on top; only the adapters train."""
+def setup_model(args, dtype, vlm):
+    """Base model (optionally 8/4-bit) with LoRA adapters on top; only the adapters train. A vision-language
+    model's vision tower and projector get none and stay frozen (and unquantised). (The original pipeline's
+    setup_model_and_tokenizer(); the tokenizer now comes with the Prompter.)"""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
-    tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    quantization = common.quantization_config(args.load_in_4bit, args.load_in_8bit, dtype)
+    quantized = args.load_in_4bit or args.load_in_8bit
     device_map = None
-    if quantization:
+    if quantized:
         # Quantized weights cannot be moved after loading: place each rank's copy on its own device.
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, device_map=device_map,
-                                                 quantization_config=quantization,
-                                                 trust_remote_code=args.trust_remote_code)
+    model = model_kinds.load_model(args.model_name_or_path, vlm, dtype, args.load_in_4bit,
+                                   args.load_in_8bit, device_map, common.attn_implementation(args.attn_implementation),
+                                   args.trust_remote_code)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed attention masks
-    if quantization:
+    if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif args.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph for LoRA
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules if args.target_modules != ["all-linear"] else "all-linear",
-                      bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), tokenizer
+                      exclude_modules=model_kinds.lora_exclude(vlm), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
 
 
 def scoring_trainer_class():
     """Trainer whose every evaluation also answers a fixed set of validation questions with the option scorer
     of inference_example.py (one implementation, imported): eval_accuracy and the most-predicted letter's share
     join eval_loss before they are logged and before the best checkpoint is chosen. Neither TRL nor Trainer
-    offer accuracy by option scoring during SFT, hence this small subclass.
+    offer accuracy by option scoring during SFT, hence this small subclass. It also saves a full adapter under
+    FSDP (see save_model) and checks that every checkpoint holds one.
     """
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 
     import inference_example
 
+    class AdapterInEveryCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                check_adapter(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
     class ScoringTrainer(Trainer):
-        def __init__(self, *args, accuracy_questions=(), prompt_format=None, **kwargs):
+        def __init__(self, *args, accuracy_questions=(), prompter=None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.accuracy_questions, self.prompt_format = list(accuracy_questions), prompt_format
-            self.last_accuracy = None
+            self.accuracy_questions, self.prompter = list(accuracy_questions), prompter
+            self.accuracy_by_step = {}  # the scoring summary of each evaluation, for the one that becomes final
+            self.add_callback(AdapterInEveryCheckpoint())
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            """Under FSDP, gather the adapter (the trainable weights alone, never the frozen base) into a full
+            state dict and write it as a normal adapter. Trainer writes nothing under FSDP's default
+            SHARDED_STATE_DICT, and under it the best checkpoint's folder appears too late for Trainer to record
+            it; checkpoints keep their sharded model and optimizer beside this adapter, for resume."""
+            if not self.is_fsdp_enabled:
+                return super().save_model(output_dir, _internal_call)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            adapter = get_model_state_dict(self.model, options=options)  # a collective: every rank calls it
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir, state_dict=adapter)
 
         def evaluation_loop(self, *args, **kwargs):
             output = super().evaluation_loop(*args, **kwargs)
@@ -195,36 +236,31 @@ def scoring_trainer_class():
             return output
 
         def score_validation(self, prefix):
-            # Every rank scores the same questions on its unwrapped model: no collective, so no deadlock,
-            # and every rank agrees on the best checkpoint.
+            # Every rank scores the same questions in the same order, so every rank agrees on the best
+            # checkpoint; under FSDP the ranks' forward passes gather the shards together, batch by batch.
             start = time.time()
             settings = SimpleNamespace(batch_size=self.args.per_device_eval_batch_size)
-            self.last_accuracy = inference_example.evaluate(self.model.eval(), self.processing_class,
-                                                            self.accuracy_questions, self.prompt_format, "score",
-                                                            settings)
+            summary = inference_example.evaluate(self.model.eval(), self.prompter, self.accuracy_questions, "score",
+                                                 settings)
+            summary.pop("records")
+            self.accuracy_by_step[self.state.global_step] = summary
             seconds = time.time() - start
             if self.is_world_process_zero():
-                summary = self.last_accuracy
                 print(f"step {self.state.global_step}: validation accuracy {summary['accuracy']:.3f} on "
                       f"{summary['n']} questions (most predicted {summary['most_predicted_letter']} "
                       f"{summary['most_predicted_share']:.0%}), scored in {seconds:.1f} s")
-            return {f"{prefix}_accuracy": self.last_accuracy["accuracy"],
-                    f"{prefix}_most_predicted_share": self.last_accuracy["most_predicted_share"],
+            return {f"{prefix}_accuracy": summary["accuracy"],
+                    f"{prefix}_most_predicted_share": summary["most_predicted_share"],
                     f"{prefix}_accuracy_seconds": seconds}
 
     return ScoringTrainer
 
 
-def build_trainer(args, model, tokenizer, train, validation, precision, accuracy_questions=()):
-    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, EarlyStoppingCallback,
-                              TrainingArguments)
+def training_arguments(args, precision):
+    from transformers import TrainingArguments
 
-    if args.packing:
-        collator = DataCollatorWithFlattening()  # one row of concatenated sequences + per-sequence position_ids
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     quantized = args.load_in_4bit or args.load_in_8bit
-    training_args = TrainingArguments(
+    return TrainingArguments(
         output_dir=args.output_dir,
         # schedule
         num_train_epochs=args.num_epochs,
@@ -245,7 +281,7 @@ def build_trainer(args, model, tokenizer, train, validation, precision, accuracy
         greater_is_better=args.metric_for_best_model == "accuracy",
         # batching and memory
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
         gradient_accumulation_steps=args.grad_accum,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         activation_checkpointing=args.gradient_checkpointing and not quantized,  # kbit prep already enabled it
@@ -259,11 +295,17 @@ def build_trainer(args, model, tokenizer, train, validation, precision, accuracy
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not sys.stderr.isatty(),
         **precision)
+
+
+def build_trainer(args, model, prompter, train, validation, precision, accuracy_questions=()):
+    from transformers import EarlyStoppingCallback
+
+    training_args = training_arguments(args, precision)
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
     return scoring_trainer_class()(
-        model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collator,
-        processing_class=tokenizer, callbacks=callbacks, accuracy_questions=accuracy_questions,
-        prompt_format=common.PromptFormat.from_processed(args.data_path, tokenizer) if accuracy_questions else None)
+        model=model, args=training_args, train_dataset=train, eval_dataset=validation,
+        data_collator=prompter.collator(args.packing), processing_class=prompter.processor or prompter.tokenizer,
+        callbacks=callbacks, accuracy_questions=accuracy_questions, prompter=prompter)
 
 
 def resolve_checkpoint(resume, output_dir):
@@ -305,27 +347,65 @@ def plot_loss_curve(log_history, path):
     plt.close(fig)
 
 
-def save_final_model(trainer, tokenizer, args, metrics):
-    """final_model/ = adapter + tokenizer + README, renamed into place once whole."""
+def check_adapter(folder):
+    """A saved adapter must be there and hold weights: a run never ends with an adapter-less folder that looks
+    complete (under FSDP with a sharded state dict, Trainer.save_model writes no adapter at all)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(folder) / "adapter_model.safetensors"
+    try:
+        with safe_open(path, "pt") as weights:
+            if any(weights.get_slice(name).get_shape() for name in weights.keys()):
+                return
+    except (OSError, SafetensorError):  # missing, or not a safetensors file
+        pass
+    raise SystemExit(f"error: {path} is missing or empty, so {folder} was not kept; the adapter could not be saved "
+                     "(an FSDP state-dict setting this script does not handle?); the checkpoints are in place")
+
+
+def save_final_model(trainer, prompter, args, metrics):
+    """final_model/ = adapter + tokenizer (+ a VLM's processor) + README, renamed into place once whole."""
     final, tmp = Path(args.output_dir) / "final_model", Path(args.output_dir) / "final_model.incomplete"
     trainer.save_model(str(tmp))  # every rank calls it (FSDP/DeepSpeed gather); only rank 0 writes
     if not trainer.is_world_process_zero():
         return
-    tokenizer.save_pretrained(tmp)
+    check_adapter(tmp)
+    (prompter.processor or prompter.tokenizer).save_pretrained(tmp)
     flags = " ".join(sys.argv[1:]) or "(defaults)"
     (tmp / "README.md").write_text(
         f"# PMC-VQA LoRA adapter\n\nBase model: {args.model_name_or_path}\nData: {args.data_path}\n"
         f"Command: python train_sft_example.py {flags}\n\nFinal validation loss: {metrics['eval_loss']:.4f} "
         f"(perplexity {metrics['perplexity']:.3f}) after {metrics['steps']} steps.\n\n"
-        f"Use: python inference_example.py --model_name_or_path {args.model_name_or_path} --adapter_path {final}\n")
+        f"Use: python inference_example.py --model_name_or_path {args.model_name_or_path} --adapter_path {final} "
+        f"--data_path {args.data_path}\n(the processed data tells inference how training asked: options shown or "
+        "not, reasoning, figures)\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if args.merge:
         merged, tmp = Path(args.output_dir) / "merged_model", Path(args.output_dir) / "merged_model.incomplete"
         trainer.model.merge_and_unload().save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        (prompter.processor or prompter.tokenizer).save_pretrained(tmp)
         shutil.rmtree(merged, ignore_errors=True)
         os.replace(tmp, merged)
+
+
+def print_plan(trainer, model, dtype, train_rows, validation_rows, checkpoint):
+    """What the run will do, before it does it: what a user checks first on a cluster."""
+    run = trainer.args
+    trainable, total = model.get_nb_trainable_parameters()
+    per_step = run.per_device_train_batch_size * run.gradient_accumulation_steps * run.world_size
+    import pyarrow.compute as pc
+
+    mean_tokens = pc.mean(pc.list_value_length(trainer.train_dataset.data.column("input_ids"))).as_py()
+    engine = f"{trainer.accelerator.distributed_type.value} on {run.world_size} processes" if run.world_size > 1 \
+        else "one process"
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); precision {dtype}; "
+          f"{engine}")
+    print(f"global batch {run.per_device_train_batch_size} per device x {run.gradient_accumulation_steps} "
+          f"accumulation x {run.world_size} processes = {per_step} rows (~{per_step * mean_tokens:,.0f} tokens) per "
+          f"optimizer step; {train_rows} train / {validation_rows} validation rows")
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
 
 
 def peak_memory_gb():
@@ -337,17 +417,22 @@ def peak_memory_gb():
 
 
 def final_metrics(trainer, result, train_seconds, dtype):
-    """What eval_results.json reports; the validation metrics are the best checkpoint's (restored at the end)."""
-    evaluation = trainer.evaluate()
+    """What eval_results.json reports. The validation metrics are those of the evaluation whose checkpoint
+    became final_model/ (Trainer restores it at the end; tests compare the weights), so it is not run again."""
+    state = trainer.state
+    evaluations = {entry["step"]: entry for entry in state.log_history if "eval_loss" in entry}
+    step = state.best_global_step or max(evaluations, default=None)
+    evaluation = evaluations[step] if step is not None else trainer.evaluate()  # a run too short to evaluate
     eval_loss = evaluation["eval_loss"]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    accuracy = trainer.last_accuracy
+    tokens = int(state.num_input_tokens_seen)
+    accuracy = trainer.accuracy_by_step.get(step or state.global_step)
     return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)),
             "eval_accuracy": evaluation.get("eval_accuracy"),
             "most_predicted_letter": accuracy and accuracy["most_predicted_letter"],
             "most_predicted_share": accuracy and accuracy["most_predicted_share"],
             "collapse_warning": accuracy and accuracy["collapse_warning"],
             "best_model_metric": trainer.args.metric_for_best_model, "best_metric": trainer.state.best_metric,
+            "best_step": step,
             "train_loss": result.training_loss, "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
             "best_checkpoint": trainer.state.best_model_checkpoint, "tokens_seen": tokens,
             "tokens_per_second": tokens / train_seconds, "train_seconds": train_seconds,
@@ -362,8 +447,10 @@ def write_reports(trainer, args, metrics):
                              {"args": vars(args), "metrics": metrics, "log_history": trainer.state.log_history})
     common.write_json_atomic(output / "eval_results.json", metrics)
     accuracy = f", accuracy {metrics['eval_accuracy']:.3f}" if metrics["eval_accuracy"] is not None else ""
+    chosen = f"the checkpoint of step {metrics['best_step']}, the best by {metrics['best_model_metric']} " \
+             f"({metrics['best_metric']:.4f})" if metrics["best_metric"] is not None else "the last step"
     print(f"validation loss {metrics['eval_loss']:.4f} (perplexity {metrics['perplexity']:.3f}){accuracy}; "
-          f"final_model/ is the best checkpoint by {metrics['best_model_metric']} ({metrics['best_metric']:.4f}); "
+          f"final_model/ is {chosen}; "
           f"{metrics['steps']} steps, {metrics['tokens_per_second']:.0f} tokens/s")
     if metrics["collapse_warning"]:
         print(f"WARNING: validation answers {metrics['collapse_warning']}")
@@ -374,27 +461,29 @@ def write_reports(trainer, args, metrics):
 
 def main(argv=None):
     args = parse_args(argv)
+    prompter = model_kinds.Prompter.from_processed(args.data_path, args.model_name_or_path, args.trust_remote_code)
     train, validation, accuracy_questions = load_processed_dataset(args.data_path, args.max_samples,
-                                                                   args.eval_accuracy_samples)
+                                                                   args.eval_accuracy_samples,
+                                                                   prompter.training_columns)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     from transformers import set_seed
 
     set_seed(args.seed)
     dtype, precision = pick_precision()
-    model, tokenizer = setup_model_and_tokenizer(args, dtype)
-    trainer = build_trainer(args, model, tokenizer, train, validation, precision, accuracy_questions)
-    world = trainer.args.world_size
-    trainable, total = model.get_nb_trainable_parameters()
+    model = setup_model(args, dtype, prompter.reads_images)
+    trainer = build_trainer(args, model, prompter, train, validation, precision, accuracy_questions)
+    engine = requested_engine()
+    if engine and trainer.accelerator.distributed_type.value != engine:  # accelerate turns FSDP on CPU into DDP
+        raise UsageError(f"{engine} was asked for, but accelerate set up {trainer.accelerator.distributed_type.value} "
+                         "(FSDP and DeepSpeed need GPUs); on CPUs use DDP: torchrun --nproc_per_node N "
+                         "train_sft_example.py ...")
     if trainer.is_world_process_zero():
-        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
-              f"precision {dtype}; effective batch {args.batch_size} x {args.grad_accum} x {world} processes "
-              f"= {args.batch_size * args.grad_accum * world} rows; {len(train)} train / {len(validation)} "
-              "validation rows")
+        print_plan(trainer, model, dtype, len(train), len(validation), checkpoint)
 
     start = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = final_metrics(trainer, result, time.time() - start, dtype)
-    save_final_model(trainer, tokenizer, args, metrics)
+    save_final_model(trainer, prompter, args, metrics)
     if trainer.is_world_process_zero():
         write_reports(trainer, args, metrics)
     return trainer

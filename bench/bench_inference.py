@@ -17,29 +17,26 @@ sys.path.insert(0, str(ROOT))
 import build_demo_assets as bda  # noqa: E402
 import common  # noqa: E402
 import inference_example as inference  # noqa: E402
+import model_kinds  # noqa: E402
 from common import LETTERS  # noqa: E402
 
 
-def score_options_naive(model, tokenizer, batch, prompt_format):
-    """The scorer before shared prompts: prompt + option as one full row per option, right-padded."""
+def score_options_naive(model, prompter, batch):
+    """The scorer before shared prompts: prompt (and figure) + option as one full row per option, right-padded."""
     import torch
 
     rows, spans = [], []
     for item in batch:
-        prompt = prompt_format.prompt_ids(tokenizer, item["question"], item["options"])
+        prompt = prompter.question_inputs(item)
+        start = prompt["input_ids"].shape[-1]
         for letter in LETTERS[:len(item["options"])]:
-            ids = tokenizer(prompt_format.completion(letter, item["options"]),
-                            add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            rows.append(prompt + ids)
-            spans.append((len(prompt), len(prompt) + len(ids)))
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, device=model.device)
-    attention = torch.zeros((len(rows), width), dtype=torch.long, device=model.device)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row)] = torch.tensor(row, device=model.device)
-        attention[i, :len(row)] = 1
+            ids = prompter.completion_ids(letter, item["options"])
+            rows.append(model_kinds.extended(prompt, ids))
+            spans.append((start, start + len(ids)))
+    inputs = prompter.batch(rows, side="right", device=model.device)
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), -1)
+        logprobs = torch.log_softmax(model(**inputs).logits.float(), -1)
+    input_ids = inputs["input_ids"]
     scores = [logprobs[i, start - 1:end - 1].gather(-1, input_ids[i, start:end, None]).sum().item()
               for i, (start, end) in enumerate(spans)]
     outputs, k = [], 0
@@ -65,17 +62,16 @@ def main(argv=None):
     run_args = inference.parse_args(["--model_name_or_path", str(model_dir), "--no_adapter", "--data_path",
                                      str(processed), "--num_samples", str(args.num_samples), "--batch_size",
                                      str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens)])
-    model, tokenizer = inference.load_model(run_args)
-    prompt_format = common.PromptFormat.from_processed(processed, tokenizer)
+    model, prompter = inference.load_model(run_args)
     questions = inference.load_eval_questions(run_args)
     inference.METHODS["score (naive)"] = score_options_naive  # the old scorer, run by the same loop
     runs = {}
     for method in ("score (naive)", "score", "letter", "generate"):
         start = time.time()
-        result = inference.evaluate(model, tokenizer, questions, prompt_format, method, run_args)
+        result = inference.evaluate(model, prompter, questions, method, run_args)
         runs[method] = (len(questions) / (time.time() - start), result["accuracy"])
     naive = runs["score (naive)"][0]
-    print(f"model {args.model} ({model_dir.name}, vocab {len(tokenizer):,}), {len(questions)} questions, "
+    print(f"model {args.model} ({model_dir.name}, vocab {len(prompter.tokenizer):,}), {len(questions)} questions, "
           f"batch {args.batch_size}, generate budget {args.max_new_tokens} tokens")
     print(f"{'method':22}{'questions/s':>13}{'vs naive score':>16}{'accuracy':>10}")
     for name, (rate, accuracy) in runs.items():

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import build_demo_assets as bda  # noqa: E402
 import common  # noqa: E402
+import model_kinds  # noqa: E402
 import train_sft_example as train  # noqa: E402
 
 
@@ -27,11 +28,13 @@ def measure(strategy, processed, model_dir, steps, batch_size):
     args = train.parse_args(["--data_path", str(processed), "--model_name_or_path", str(model_dir), "--output_dir",
                              str(ROOT / "bench" / "results" / "padding"), "--batch_size", str(batch_size),
                              "--grad_accum", "1", "--eval_accuracy_samples", "0", *flags])
-    train_rows, validation, _ = train.load_processed_dataset(processed, steps * batch_size)
-    model, tokenizer = train.setup_model_and_tokenizer(args, torch.float32)
-    trainer = train.build_trainer(args, model, tokenizer, train_rows, validation, {"use_cpu": True})
+    prompter = model_kinds.Prompter.from_processed(processed, model_dir)
+    train_rows, validation, _ = train.load_processed_dataset(processed, steps * batch_size, 0,
+                                                             prompter.training_columns)
+    model = train.setup_model(args, torch.float32, vlm=False)
+    trainer = train.build_trainer(args, model, prompter, train_rows, validation, {"use_cpu": True})
     if strategy == "pad_to_2048":
-        trainer.data_collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=2048,
+        trainer.data_collator = DataCollatorForSeq2Seq(prompter.tokenizer, padding="max_length", max_length=2048,
                                                        label_pad_token_id=-100)
     real = computed = 0
     for batch in trainer.get_train_dataloader():

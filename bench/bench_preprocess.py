@@ -73,7 +73,7 @@ def main():
     work = ROOT / "bench" / "results" / "preprocess"
     work.mkdir(parents=True, exist_ok=True)
     data = work / "train.csv"
-    bda.write_csv(data, bda.synthetic_rows(args.rows, random.Random(0), "PMC"))
+    bda.write_csv(data, bda.synthetic_rows(args.rows, random.Random(0), "PMC")[0])
 
     ours_s, ours_rss = run_measured(["preprocess_pmc_vqa_for_sft.py"], "--data_path", data, "--model_name_or_path",
                                     model_dir, "--output_dir", work / "ours", "--num_proc", args.num_proc)

@@ -7,7 +7,7 @@
 Both train on the rows preprocess_pmc_vqa_for_sft.py wrote (input_ids, labels -100 on the prompt: TRL takes
 pre-tokenized rows with labels as they are, so both optimise the same completion-only loss). Each run is a
 separate process (so peak RSS is its own) that builds the same LoRA model through train_sft_example's
-setup_model_and_tokenizer, trains, then reports tokens/s and the validation loss on the same rows.
+setup_model, trains, then reports tokens/s and the validation loss on the same rows.
 """
 import argparse
 import json
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import build_demo_assets as bda  # noqa: E402
 import common  # noqa: E402
+import model_kinds  # noqa: E402
 
 RUNS = {"ours, dynamic padding": "ours", "ours, --packing": "ours_packing",
         "TRL SFTTrainer, padded": "trl", "TRL SFTTrainer, padding_free": "trl_padding_free"}
@@ -46,12 +47,14 @@ def one_run(run, model_dir, processed, args):
              str(ROOT / "bench" / "results" / f"vs_trl_{run}"), "--batch_size", str(args.batch_size), "--grad_accum",
              "1", "--learning_rate", "2e-4", "--eval_accuracy_samples", "0", "--seed", "0"]
     run_args = train.parse_args(flags + (["--packing"] if run == "ours_packing" else []))
-    train_rows, validation, _ = train.load_processed_dataset(processed, args.steps * args.batch_size)
+    prompter = model_kinds.Prompter.from_processed(processed, model_dir)
+    train_rows, validation, _ = train.load_processed_dataset(processed, args.steps * args.batch_size, 0,
+                                                             prompter.training_columns)
     validation = validation.select(range(min(64, len(validation))))
     torch.manual_seed(0)
-    model, tokenizer = train.setup_model_and_tokenizer(run_args, torch.float32)
+    model = train.setup_model(run_args, torch.float32, vlm=False)
     if run.startswith("ours"):
-        trainer = train.build_trainer(run_args, model, tokenizer, train_rows, validation, {"use_cpu": True})
+        trainer = train.build_trainer(run_args, model, prompter, train_rows, validation, {"use_cpu": True})
         for key, value in {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}.items():
             setattr(trainer.args, key, value)
     else:
@@ -64,7 +67,7 @@ def one_run(run, model_dir, processed, args):
                            padding_free=run == "trl_padding_free", include_num_input_tokens_seen="non_padding",
                            disable_tqdm=True, dataset_num_proc=1)
         trainer = SFTTrainer(model=model, args=config, train_dataset=train_rows, eval_dataset=validation,
-                             processing_class=tokenizer)
+                             processing_class=prompter.tokenizer)
     start = time.time()
     trainer.train()
     seconds = time.time() - start

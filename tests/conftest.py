@@ -51,6 +51,28 @@ def write_csv(path, rows, header=V1, delimiter=","):
     return path
 
 
+def run_probe(out, flags, processes=1, env=None):
+    """Train through tests/train_probe.py (one process, or torchrun with several); each rank's report."""
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                str(free_port())] if processes > 1 else []
+    result = subprocess.run([sys.executable, *launcher, str(ROOT / "tests" / "train_probe.py"), str(out),
+                             *map(str, flags)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+def launch_environment(config_file):
+    """The variables `accelerate launch --config_file config_file` gives the script, from accelerate's own code."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "train_sft_example.py"])
+    args, _, _ = _validate_launch_command(args)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,18 +81,25 @@ def free_port():
 
 @pytest.fixture(scope="session")
 def assets():
-    """(data_dir, model_dir) of the embedded default; built once (the Makefile builds it before the tests)."""
-    return build_demo_assets.build_all(build_demo_assets.DEMO_DIR)
+    """Where the embedded default is; built once (the Makefile builds it before the tests)."""
+    build_demo_assets.build_all(build_demo_assets.DEMO_DIR)
+    return build_demo_assets.Assets(build_demo_assets.DEMO_DIR)
 
 
 @pytest.fixture(scope="session")
 def data_dir(assets):
-    return assets[0]
+    return assets.data
 
 
 @pytest.fixture(scope="session")
 def model_dir(assets):
-    return assets[1]
+    return assets.model
+
+
+def prompter_for(processed, model, **kwargs):
+    import model_kinds
+
+    return model_kinds.Prompter.from_processed(processed, model, trust_remote_code=True, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 or, for dirty rows, a successful run that counts them. Plus interruption and --help hygiene."""
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 import build_demo_assets as bda
+import common
 from conftest import ROOT, V1, run_script, v1_row, write_csv
 
 SCRIPTS = ["preprocess_pmc_vqa_for_sft.py", "train_sft_example.py", "inference_example.py", "test_preprocessing.py",
@@ -122,12 +124,13 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path, model_dir):
 def test_killed_preprocessing_leaves_nothing_that_looks_complete(tmp_path, model_dir):
     import random
 
-    rows = bda.synthetic_rows(40000, random.Random(0), "PMC")
+    rows, _ = bda.synthetic_rows(40000, random.Random(0), "PMC")
     data = write_csv(tmp_path / "train.csv", rows)
     out = tmp_path / "processed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "preprocess_pmc_vqa_for_sft.py"), "--data_path", str(data),
                              "--model_name_or_path", str(model_dir), "--output_dir", str(out), "--num_proc", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "0"})  # bars say where it is
     seen = b""
     while b"tokenizing train" not in seen and proc.poll() is None:  # killed in the middle of tokenization
         seen += proc.stderr.read1(4096)
@@ -152,5 +155,5 @@ def test_help_is_instant_imports_no_torch_and_documents_every_flag(script):
         if action.dest == "help":
             continue
         assert action.help, action.dest
-        is_switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        is_switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, common.Switch))
         assert is_switch or "default" in action.help, f"{script} {action.option_strings} lacks its default"

@@ -33,4 +33,4 @@ def test_shortened_demo_clearly_beats_the_base(tmp_path, data_dir, model_dir):
     assert accuracy["fine_tuned/generate"] >= accuracy["base/generate"] + 0.3, accuracy
     # the fine-tune also beats the majority-letter line by a clear margin, and its low CI bound clears chance
     assert results["fine_tuned/score"]["ci95"][0] > results["fine_tuned/score"]["majority_letter_baseline"]
-    assert report["paired"]["score"]["mcnemar_exact_p"] < 0.001
+    assert report["paired"]["fine_tuned/score - base/score"]["mcnemar_exact_p"] < 0.001

@@ -7,8 +7,9 @@ import shutil
 import pytest
 
 import common
+import model_kinds
 import test_preprocessing
-from conftest import ROOT, preprocess
+from conftest import ROOT, preprocess, prompter_for
 
 QUESTION, OPTIONS = " Which organ is marked? ", ["Liver", "Spleen", "Kidney", "Lung"]
 USER = ("Which organ is marked?\nOptions:\nA: Liver\nB: Spleen\nC: Kidney\nD: Lung\n"
@@ -28,23 +29,21 @@ def r1_8b_dir(tmp_path_factory, model_dir):
 
 
 def check_template(model_folder, tmp_path, prompt, completion, thinks):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    prompt_format = common.PromptFormat.for_tokenizer(tokenizer)
+    prompter = model_kinds.Prompter.for_model(model_folder)
+    tokenizer, prompt_format = prompter.tokenizer, prompter.format
     assert prompt_format.thinks == thinks
-    assert common.build_prompt(tokenizer, prompt_format.user_turn(QUESTION, OPTIONS)) == prompt
+    assert prompter.render(prompt_format.user_turn(QUESTION, OPTIONS)) == prompt
     assert prompt_format.completion("B", OPTIONS) == completion
     assert prompt_format.parse(completion, OPTIONS) == "B"
-    assert prompt_format.prompt_ids(tokenizer, QUESTION, OPTIONS) == tokenizer(prompt, add_special_tokens=False)[
-        "input_ids"]
+    assert prompter.prompt_ids({"question": QUESTION, "options": OPTIONS}) == tokenizer(
+        prompt, add_special_tokens=False)["input_ids"]
     splits, _ = preprocess(ROOT / "demo_assets" / "PMC-VQA", model_folder, tmp_path / "p", "--sample_size", 8)
-    reread = common.PromptFormat.from_processed(tmp_path / "p", tokenizer)
-    assert reread == prompt_format
+    reread = prompter_for(tmp_path / "p", model_folder)
+    assert reread.format == prompt_format
     for split in splits.values():
         for row in split:
-            assert test_preprocessing.check_row(row, tokenizer, reread) == []
-            ids = reread.prompt_ids(tokenizer, row["question"], row["options"])  # what inference feeds
+            assert test_preprocessing.check_row(row, reread) == []
+            ids = reread.prompt_ids(row)  # what inference feeds
             assert row["input_ids"][:len(ids)] == ids and row["labels"][:len(ids)] == [-100] * len(ids)
             assert row["input_ids"][-1] == row["labels"][-1] == tokenizer.eos_token_id
     return tokenizer
@@ -69,17 +68,15 @@ def test_real_deepseek_r1_distill_llama_8b_template(r1_8b_dir, tmp_path):
 def test_smollm2_chatml_template(real_model_dir, tmp_path):
     tokenizer = check_template(real_model_dir, tmp_path, CHATML_PROMPT, "Answer: B. Spleen", thinks=False)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # labels must not come from input_ids != pad
-    with_reasoning = common.PromptFormat.for_tokenizer(tokenizer, add_reasoning=True)
+    with_reasoning = model_kinds.Prompter.for_model(real_model_dir, add_reasoning=True).format
     assert with_reasoning.completion("B", OPTIONS) == "The findings point to Spleen.\n\nAnswer: B. Spleen"
 
 
-def test_a_dataset_processed_for_another_template_is_refused(r1_8b_dir, tmp_path, tokenizer):
+def test_a_dataset_processed_for_another_template_is_refused(r1_8b_dir, tmp_path, model_dir):
     preprocess(ROOT / "demo_assets" / "PMC-VQA", r1_8b_dir, tmp_path / "p", "--sample_size", 4)
     assert common.read_processed_config(tmp_path / "p")["thinks"] is True
-    # a template whose generation prompt opens no think block
-    tokenizer.chat_template, original = "{% for m in messages %}{{ m['content'] }}{% endfor %}", tokenizer.chat_template
-    try:
-        with pytest.raises(common.UsageError, match="preprocess again with this model"):
-            common.PromptFormat.from_processed(tmp_path / "p", tokenizer)
-    finally:
-        tokenizer.chat_template = original
+    other = tmp_path / "no-think"  # a template whose generation prompt opens no think block
+    shutil.copytree(model_dir, other)
+    (other / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(common.UsageError, match="preprocess again with this model"):
+        prompter_for(tmp_path / "p", other)

@@ -106,7 +106,7 @@ def test_paired_comparison_matches_a_hand_computed_case():
     base = {"records": [{"id": i, "correct": bool(b)} for i, (_, b) in enumerate(pattern)]}
     paired = inference.paired_comparison(tuned, base)
     assert paired["accuracy_difference"] == pytest.approx((15 - 9) / 20)
-    assert (paired["only_fine_tuned_correct"], paired["only_base_correct"]) == (7, 1)
+    assert (paired["only_first_correct"], paired["only_second_correct"]) == (7, 1)
     # exact McNemar: 2 * P(X <= 1), X ~ Binomial(8, 1/2) = 2 * (1 + 8) / 256
     assert paired["mcnemar_exact_p"] == pytest.approx(18 / 256)
     low, high = paired["bootstrap_ci95"]
@@ -128,25 +128,24 @@ def adapter(tmp_path_factory, small_processed, model_dir):
 def loaded(adapter, model_dir, small_processed):
     args = inference.parse_args(["--model_name_or_path", str(model_dir), "--adapter_path", str(adapter),
                                  "--data_path", str(small_processed), "--max_new_tokens", "24"])
-    model, tokenizer = inference.load_model(args)
-    questions = inference.load_eval_questions(args)
-    return model, tokenizer, questions, common.PromptFormat.from_processed(small_processed, tokenizer), args
+    model, prompter = inference.load_model(args)
+    return model, prompter, inference.load_eval_questions(args), args
 
 
 def test_batched_generation_equals_one_by_one_under_greedy(loaded):
-    model, tokenizer, questions, prompt_format, args = loaded
+    model, prompter, questions, args = loaded
     # Prompts of different lengths, so left padding really happens.
     by_length = sorted(questions, key=lambda q: len(q["question"]))
     batch = by_length[:3] + by_length[-3:]
-    batched = inference.generate_answers(model, tokenizer, batch, prompt_format, args)
-    one_by_one = [inference.generate_answers(model, tokenizer, [q], prompt_format, args)[0] for q in batch]
+    batched = inference.generate_answers(model, prompter, batch, args)
+    one_by_one = [inference.generate_answers(model, prompter, [q], args)[0] for q in batch]
     assert batched == one_by_one
 
 
 def test_shared_prompt_scores_equal_the_naive_full_rows(loaded):
-    model, tokenizer, questions, prompt_format, _ = loaded
-    shared = inference.score_options(model, tokenizer, questions, prompt_format)
-    naive = score_options_naive(model, tokenizer, questions, prompt_format)
+    model, prompter, questions, _ = loaded
+    shared = inference.score_options(model, prompter, questions)
+    naive = score_options_naive(model, prompter, questions)
     assert len(shared) == len(naive) == len(questions)
     for new, old in zip(shared, naive):
         assert new["option_scores"] == pytest.approx(old["option_scores"], abs=1e-4)
@@ -154,11 +153,11 @@ def test_shared_prompt_scores_equal_the_naive_full_rows(loaded):
 
 
 def test_scores_do_not_depend_on_the_batch(loaded):
-    model, tokenizer, questions, prompt_format, _ = loaded
+    model, prompter, questions, _ = loaded
     batch = questions[:5]
     for method in (inference.score_options, inference.score_letters):
-        together = method(model, tokenizer, batch, prompt_format)
-        alone = [method(model, tokenizer, [q], prompt_format)[0] for q in batch]
+        together = method(model, prompter, batch)
+        alone = [method(model, prompter, [q])[0] for q in batch]
         for a, b in zip(together, alone):
             assert a["predicted"] == b["predicted"]
             assert a["option_scores"] == pytest.approx(b["option_scores"], abs=1e-4)
@@ -167,12 +166,12 @@ def test_scores_do_not_depend_on_the_batch(loaded):
 def test_letter_scorer_reads_the_letter_distribution_after_the_answer_head(loaded):
     import torch
 
-    model, tokenizer, questions, prompt_format, _ = loaded
-    question = questions[0]
-    [result] = inference.score_letters(model, tokenizer, [question], prompt_format)
+    model, prompter, questions, _ = loaded
+    tokenizer, question = prompter.tokenizer, questions[0]
+    [result] = inference.score_letters(model, prompter, [question])
     # the reference: the full next-token distribution after prompt + "...Answer:", by hand
-    head, letter_ids = inference.letter_token_ids(tokenizer, prompt_format)
-    ids = prompt_format.prompt_ids(tokenizer, question["question"], question["options"]) + head
+    head, letter_ids = inference.letter_token_ids(prompter)
+    ids = prompter.prompt_ids(question) + head
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
     assert [tokenizer.decode([i]) for i in letter_ids] == [" A", " B", " C", " D"]
@@ -181,9 +180,9 @@ def test_letter_scorer_reads_the_letter_distribution_after_the_answer_head(loade
 
 
 def test_sampled_votes_run_k_samples_per_question(loaded):
-    model, tokenizer, questions, prompt_format, args = loaded
+    model, prompter, questions, args = loaded
     sampling = SimpleNamespace(**{**vars(args), "temperature": 0.6, "num_return_sequences": 3})
-    answers = inference.generate_answers(model, tokenizer, questions[:2], prompt_format, sampling)
+    answers = inference.generate_answers(model, prompter, questions[:2], sampling)
     for answer in answers:
         assert len(answer["samples"]) == 3
         votes = [s["predicted"] for s in answer["samples"] if s["predicted"]]
@@ -207,7 +206,7 @@ def test_evaluate_writes_the_documented_report(adapter, model_dir, small_process
                 "chance_baseline", "majority_letter_baseline", "collapse_warning", "prediction_distribution",
                 "questions_per_second", "records"} <= set(r)
         assert r["n"] == len(r["records"]) == 8
-        assert set(r["records"][0]) == {"id", "question", "options", "gold", "predicted", "correct",
+        assert set(r["records"][0]) == {"id", "question", "options", "figure_path", "gold", "predicted", "correct",
                                         "option_scores", "samples"}
         if name.endswith("generate"):
             assert r["records"][0]["option_scores"] is None and "text" in r["records"][0]["samples"][0]
@@ -215,8 +214,9 @@ def test_evaluate_writes_the_documented_report(adapter, model_dir, small_process
             assert r["parse_failures"] == 0 and set(r["records"][0]["option_scores"]) == set("ABCD")
         flat = pd.json_normalize(r["records"])
         assert len(flat) == 8 and ("option_scores.A" in flat.columns) == (not name.endswith("generate"))
-    assert set(report["paired"]) == set(methods)
-    assert set(report["paired"]["score"]) >= {"accuracy_difference", "bootstrap_ci95", "mcnemar_exact_p"}
+    assert set(report["paired"]) == {f"fine_tuned/{method} - base/{method}" for method in methods}
+    assert set(report["paired"]["fine_tuned/score - base/score"]) >= {"accuracy_difference", "bootstrap_ci95",
+                                                                      "mcnemar_exact_p"}
     assert report["agreement"]["fine_tuned"]["score"]["score"] == 1.0
     assert report["prompt_format"] == {"include_choices": True, "add_reasoning": False, "thinks": True}
     assert "fine_tuned/letter" in result.stdout and "McNemar" in result.stdout  # the printed table

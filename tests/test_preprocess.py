@@ -6,7 +6,7 @@ import pytest
 
 import common
 import test_preprocessing
-from conftest import V1, preprocess, run_script, v1_row, write_csv
+from conftest import V1, preprocess, prompter_for, run_script, v1_row, write_csv
 
 V2 = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer", "split"]
 
@@ -17,24 +17,23 @@ def load(path):
     return load_from_disk(str(path)), json.loads((path / "preprocessing_stats.json").read_text())
 
 
-def assert_invariants(splits, tokenizer, data_path):
-    prompt_format = common.PromptFormat.from_processed(data_path, tokenizer)
+def assert_invariants(splits, model_dir, data_path):
+    prompter = prompter_for(data_path, model_dir)
     for split in splits.values():
         for row in split:
-            assert test_preprocessing.check_row(row, tokenizer, prompt_format) == []
+            assert test_preprocessing.check_row(row, prompter) == []
 
 
-def test_every_row_keeps_the_invariants(processed, tokenizer):
+def test_every_row_keeps_the_invariants(processed, model_dir):
     splits, _ = load(processed)
     assert set(splits) == {"train", "validation", "test"}
-    assert_invariants(splits, tokenizer, processed)
+    assert_invariants(splits, model_dir, processed)
 
 
-def test_prompt_ids_equal_the_inference_scripts_ids_token_for_token(processed, tokenizer):
+def test_prompt_ids_equal_the_inference_scripts_ids_token_for_token(processed, model_dir, tokenizer):
     splits, _ = load(processed)
     row = splits["test"][0]
-    ids = common.PromptFormat.from_processed(processed, tokenizer).prompt_ids(tokenizer, row["question"],
-                                                                             row["options"])
+    ids = prompter_for(processed, model_dir).prompt_ids(row)
     assert row["input_ids"][:len(ids)] == ids
     assert row["labels"][:len(ids)] == [-100] * len(ids)
     assert row["labels"][len(ids):] == row["input_ids"][len(ids):]
@@ -56,14 +55,14 @@ def test_reasoning_survives_because_the_completion_is_appended_as_text(tmp_path,
         option = row["options"]["ABCD".index(row["answer_label"])]
         assert trained.endswith(f"Answer: {row['answer_label']}. {option}{tokenizer.eos_token}")
         assert trained.startswith(f"The findings point to {option}.") == add_reasoning
-    assert_invariants(splits, tokenizer, out)
+    assert_invariants(splits, model_dir, out)
 
 
 def test_no_choices_mode_still_parses_back_to_gold(tmp_path, data_dir, model_dir, tokenizer):
     out = tmp_path / "p"
     splits, _ = preprocess(data_dir, model_dir, out, "--sample_size", 20, "--no_include_choices")
     assert not any("Options:" in row["prompt"] for row in splits["train"])
-    assert_invariants(splits, tokenizer, out)
+    assert_invariants(splits, model_dir, out)
 
 
 def test_stats_account_for_every_row_and_dirty_rows_are_dropped_by_reason(processed):
@@ -121,7 +120,7 @@ def test_v2_schema_is_detected_from_the_header_and_mapped_to_one_gold_letter(tmp
     assert row["options"] == ["Green", "Red", "Blue", "Yellow"] and row["answer_label"] == "C"
     assert row["question"] == "What colour is 0?"
     assert row["completion"].endswith("Answer: C. Blue")
-    assert_invariants(splits, tokenizer, tmp_path / "out")
+    assert_invariants(splits, model_dir, tmp_path / "out")
 
 
 def test_over_long_rows_are_dropped_never_cut(tmp_path, model_dir, tokenizer):

@@ -6,7 +6,7 @@ import pytest
 
 import common
 import test_preprocessing
-from conftest import preprocess, run_script
+from conftest import preprocess, prompter_for, run_script
 
 
 @pytest.mark.slow
@@ -15,12 +15,11 @@ def test_preprocess_train_evaluate_on_the_real_model(tmp_path, data_dir, real_mo
 
     processed, out = tmp_path / "processed", tmp_path / "sft"
     splits, stats = preprocess(data_dir, real_model_dir, processed, "--sample_size", 48)
-    tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
-    prompt_format = common.PromptFormat.from_processed(processed, tokenizer)
-    assert stats["config"]["thinks"] is False and not prompt_format.thinks
+    prompter = prompter_for(processed, real_model_dir)
+    assert stats["config"]["thinks"] is False and not prompter.format.thinks
     for split in splits.values():  # labels, eos trained, prompt parity with inference, parse round trip
         for row in split:
-            assert test_preprocessing.check_row(row, tokenizer, prompt_format) == []
+            assert test_preprocessing.check_row(row, prompter) == []
             assert row["completion"].startswith("Answer: ") and "</think>" not in row["completion"]
 
     result = run_script("train_sft_example.py", "--data_path", processed, "--model_name_or_path", real_model_dir,
@@ -44,4 +43,4 @@ def test_preprocess_train_evaluate_on_the_real_model(tmp_path, data_dir, real_mo
     changes = [abs(t["option_scores"][letter] - b["option_scores"][letter])
                for t, b in zip(tuned, base) for letter in "ABCD"]
     assert max(changes) > 1e-2  # the adapter was loaded and changes what the model prefers
-    assert set(report["paired"]) == {"score", "generate"}
+    assert set(report["paired"]) == {"fine_tuned/score - base/score", "fine_tuned/generate - base/generate"}

@@ -7,7 +7,7 @@ import pytest
 
 import common
 import test_preprocessing
-from conftest import preprocess, run_script
+from conftest import preprocess, prompter_for, run_script
 
 
 def trace(question_id, sample, reasoning, correct, finished=True):
@@ -46,9 +46,9 @@ def test_only_the_shortest_correct_finished_trace_is_trained_on(tmp_path, data_d
     else:
         assert set(rows) == {ids[0], ids[3]} and stats["rows_dropped"]["no_correct_trace"] == len(ids) - 2
     assert stats["rows_read"] == stats["rows_kept"] + sum(stats["rows_dropped"].values())
-    prompt_format = common.PromptFormat.from_processed(tmp_path / "traced", tokenizer)
+    prompter = prompter_for(tmp_path / "traced", model_dir)
     for row in rows.values():
-        assert test_preprocessing.check_row(row, tokenizer, prompt_format) == []
+        assert test_preprocessing.check_row(row, prompter) == []
         trained = [t for t in row["labels"] if t != -100]
         assert trained == tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     reasoning_ids = tokenizer("Meningioma: option B.", add_special_tokens=False)["input_ids"]

@@ -1,0 +1,119 @@
+"""Several processes, through the same script: DDP on 2 CPU processes (gloo), FSDP2 on 2 CPU processes with the
+test-only switch in tests/train_probe.py (stock accelerate refuses FSDP on a CPU), the shipped accelerate configs,
+and the combinations that are refused with one line."""
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import ROOT, launch_environment, run_probe, run_script
+
+CONFIGS = ROOT / "configs" / "accelerate"
+
+
+def flags(data, model_dir, out, *extra):
+    # 16 rows, 4 per process: 2 optimizer steps on 2 processes, a checkpoint after each
+    return ["--data_path", data, "--model_name_or_path", model_dir, "--output_dir", out, "--max_samples", 16,
+            "--batch_size", 4, "--grad_accum", 1, "--learning_rate", 3e-3, "--eval_steps", 1, "--logging_steps", 1,
+            "--eval_accuracy_samples", 8, "--seed", 5, *extra]
+
+
+def adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a, b):
+    import torch
+
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert a[name].shape == b[name].shape and torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def assert_ranks_split_the_data(ranks):
+    seen = [{tuple(ids) for ids in rank["seen"]} for rank in ranks]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]  # each rank trained on its own shard ...
+    assert len(seen[0] | seen[1]) == 16                   # ... and together on every row
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, small_processed, model_dir):
+    """(the 2-process DDP run's rank reports, its output folder): the reference for FSDP."""
+    base = tmp_path_factory.mktemp("ddp")
+    return run_probe(base / "probe", flags(small_processed, model_dir, base / "out"), processes=2), base / "out"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_shards_data_and_syncs_gradients(ddp):
+    ranks, out = ddp
+    assert all(rank["wrapped"] == "DistributedDataParallel" and rank["distributed_type"] == "MULTI_CPU"
+               for rank in ranks)
+    assert_ranks_split_the_data(ranks)
+    assert ranks[0]["lora"] == ranks[1]["lora"]  # gradients were averaged: identical weights
+    assert adapter(out / "final_model")
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["metrics"]["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
+def test_fsdp2_on_two_cpu_processes_trains_like_ddp_saves_a_full_adapter_and_resumes(
+        tmp_path, ddp, small_processed, model_dir, state_dict_type):
+    env = {"PROBE_FSDP": "configs/accelerate/fsdp.yaml", "FSDP_STATE_DICT_TYPE": state_dict_type}
+    out = tmp_path / "out"
+    ranks = run_probe(tmp_path / "probe", flags(small_processed, model_dir, out), processes=2, env=env)
+    assert all(rank["fsdp2"] and rank["distributed_type"] == "FSDP" for rank in ranks), "FSDP did not run"
+    assert_ranks_split_the_data(ranks)
+    ddp_ranks, ddp_out = ddp
+    assert ranks[0]["losses"] == pytest.approx(ddp_ranks[0]["losses"], abs=1e-4)
+    assert_same_adapter(adapter(out / "final_model"), adapter(ddp_out / "final_model"))  # gathered, full shapes
+    assert adapter(out / "checkpoint-1")  # every checkpoint holds an adapter too
+
+    # a run killed after its first checkpoint leaves what this copy holds; it resumes at that step
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(out / "checkpoint-1", cut / "checkpoint-1")
+    resumed = run_probe(tmp_path / "resumed", flags(small_processed, model_dir, cut, "--resume_from_checkpoint",
+                                                    "auto"), processes=2, env=env)
+    assert resumed[0]["steps"] == [1]
+    assert_same_adapter(adapter(cut / "final_model"), adapter(out / "final_model"))
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_accelerate_config_builds_the_engine_it_claims(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    loaded = load_config_from_file(str(config))
+    claimed = config.stem.split("_")[0].upper()  # ddp, fsdp, deepspeed_zero2, deepspeed_zero3
+    assert loaded.num_processes >= 2 and loaded.distributed_type.value == {"DDP": "MULTI_GPU"}.get(claimed, claimed)
+    if claimed == "FSDP":
+        env = launch_environment(config)
+        saved = dict(os.environ)
+        os.environ.update(env)
+        try:
+            plugin = FullyShardedDataParallelPlugin()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        assert env["ACCELERATE_USE_FSDP"] == "true" and plugin.fsdp_version == 2
+        assert str(plugin.state_dict_type).endswith("SHARDED_STATE_DICT")
+    if claimed == "DEEPSPEED":
+        plugin = DeepSpeedPlugin(**loaded.deepspeed_config)
+        assert plugin.deepspeed_config["zero_optimization"]["stage"] == int(config.stem[-1])
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--load_in_4bit"], ["FSDP does not shard 4-bit", "ddp.yaml"]),
+    (["--merge"], ["--merge is not supported under FSDP", "merge on one process"]),
+    ([], ["FSDP was asked for", "torchrun"]),  # one CPU process: accelerate would quietly not shard
+])
+def test_what_fsdp_cannot_do_is_refused_with_one_line(tmp_path, small_processed, model_dir, extra, words):
+    result = run_script("train_sft_example.py", *flags(small_processed, model_dir, tmp_path / "o", *extra),
+                        env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and all(word in lines[0] for word in words), result.stderr
+    assert not (tmp_path / "o" / "final_model").exists()

@@ -1,0 +1,96 @@
+"""Run train_sft_example.main() as a test needs it, recording what the run really did.
+
+    python tests/train_probe.py OUT_DIR <train flags...>                                         # one process
+    python -m torch.distributed.run --nproc_per_node 2 tests/train_probe.py OUT_DIR <flags...>   # DDP on CPU
+
+Environment (test-only knobs; the train script has none of them):
+    PROBE_FSDP=configs/accelerate/fsdp.yaml   run as `accelerate launch --config_file` that file configures it, on CPU:
+                                              stock accelerate never builds an FSDP state on a CPU (with use_cpu it
+                                              silently builds MULTI_CPU, i.e. DDP), so the patch below promotes that
+                                              state to FSDP when an FSDP plugin is given. It leans on accelerate's
+                                              internals (pinned in requirements.txt); the report says whether the
+                                              model really was wrapped by FSDP2, and the tests fail if it was not.
+    PROBE_ACCURACY=0.5,0.9,0.6                the validation accuracies the run sees, in order (the scorer still
+                                              runs; its result is replaced), so a test can decide which
+                                              checkpoint is best
+
+Writes OUT_DIR/rank<R>.json: the rows each training step saw, the global step each training step began at, the
+sum of every LoRA weight at the end, the wrapper type and whether it is an FSDP2 module.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import ROOT, launch_environment  # noqa: E402
+
+
+def allow_fsdp_on_cpu():
+    """accelerate.state.AcceleratorState.__init__ promotes only accelerator states (MULTI_GPU, ...) to FSDP:
+    do the same for MULTI_CPU (gloo), as the GPU branch does."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    original = accelerate.state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    accelerate.state.AcceleratorState.__init__ = init
+
+
+if os.environ.get("PROBE_FSDP"):
+    for key, value in launch_environment(ROOT / os.environ["PROBE_FSDP"]).items():
+        os.environ.setdefault(key, value)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "no"  # the config's bf16 is for GPUs; on CPU the script trains in fp32
+    allow_fsdp_on_cpu()
+
+import transformers  # noqa: E402
+
+import inference_example  # noqa: E402
+import train_sft_example  # noqa: E402
+
+seen, steps = [], []
+original_step = transformers.Trainer.training_step
+
+
+def recording_step(self, model, inputs, *args, **kwargs):
+    steps.append(self.state.global_step)
+    for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()):
+        seen.append([t for t, m in zip(ids, mask) if m])
+    return original_step(self, model, inputs, *args, **kwargs)
+
+
+transformers.Trainer.training_step = recording_step
+if os.environ.get("PROBE_ACCURACY"):
+    scripted = [float(value) for value in os.environ["PROBE_ACCURACY"].split(",")]
+    original_evaluate = inference_example.evaluate
+
+    def scripted_evaluate(*args, **kwargs):
+        return {**original_evaluate(*args, **kwargs), "accuracy": scripted.pop(0)}
+
+    inference_example.evaluate = scripted_evaluate
+
+out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
+trainer = train_sft_example.main(argv)
+
+
+def full(parameter):  # a sharded (DTensor) parameter, gathered: a collective, so every rank calls it
+    return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+
+
+from torch.distributed.fsdp import FSDPModule  # noqa: E402
+
+lora = {name: full(param).detach().double().sum().item() for name, param in trainer.model.named_parameters()
+        if "lora_" in name}
+rank = int(os.environ.get("RANK", 0))
+(out_dir / f"rank{rank}.json").write_text(json.dumps({
+    "seen": seen, "steps": steps, "lora": lora, "wrapped": type(trainer.model_wrapped).__name__,
+    "fsdp2": isinstance(trainer.model_wrapped, FSDPModule),
+    "distributed_type": trainer.accelerator.distributed_type.value,
+    "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}))
