@@ -5,10 +5,13 @@ and, on request, the real pretrained model the project checks itself against.
     python build_demo_assets.py --out /tmp/a --force # rebuild everything
     python build_demo_assets.py --real_model         # + demo_assets/smollm2-135m-instruct (make real-model)
 
-Nothing is downloaded: a fresh offline laptop gets, in about a minute on 2 CPU cores,
+Nothing is downloaded: a fresh offline laptop gets, in about a minute and a half on 2 CPU cores,
   demo_assets/PMC-VQA/          train.csv, test.csv, test_clean.csv in the real v1 schema + images/
   demo_assets/tiny-r1-llama/    a LlamaForCausalLM (the 8B's class) and a tokenizer with DeepSeek-R1's
                                 special tokens and chat format; loads with AutoModelForCausalLM.from_pretrained
+  demo_assets/PMC-VQA-images/   the same schema, questions that do not name the finding: only the figure does
+  demo_assets/tiny-llava/       a LLaVA-architecture VLM whose text tower is the tiny Llama, pre-trained on captions
+  demo_assets/tiny-qwen2-vl/    a random Qwen2-VL for the tests (its processor needs --trust_remote_code)
 Same seed, same bytes. The synthetic questions carry a learnable signal (the finding named in the question
 decides the answer), so a fine-tune visibly helps. The tiny base is pre-trained briefly, like any real base
 model: on the train split's questions (never their answers) and a small synthetic radiology textbook, so it

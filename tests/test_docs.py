@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-DOCS = ["README.md", "QUICKSTART_GUIDE.md", "PMC_VQA_PREPROCESSING_README.md", "FILES_SUMMARY.md"]
+DOCS = ["README.md", "QUICKSTART_GUIDE.md", "PMC_VQA_PREPROCESSING_README.md", "FILES_SUMMARY.md", "MULTI_GPU.md"]
 SCRIPTS = {"preprocess_pmc_vqa_for_sft.py", "train_sft_example.py", "inference_example.py", "test_preprocessing.py",
            "build_demo_assets.py"}
 
