@@ -293,8 +293,7 @@ def pretraining_texts(data_dir, tokenizer, rng):
 def build_model(model_dir, data_dir, tokenizer, seed, pretrain_epochs):
     import torch
     from datasets import Dataset
-    from transformers import (DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer,
-                              TrainingArguments)
+    from transformers import DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -338,9 +337,17 @@ def build_tiny_llava(model_dir, text_dir, seed):
     with the language model frozen it reached 46% on held-out 4-way caption choice, all weights trained 100%):
     it learns to see which finding a figure shows; fine-tuning then teaches the task."""
     import torch
-    from transformers import (AutoTokenizer, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaImageProcessorPil, LlavaProcessor, SiglipVisionConfig, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoTokenizer,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessorPil,
+        LlavaProcessor,
+        SiglipVisionConfig,
+        Trainer,
+        TrainingArguments,
+    )
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(text_dir)
@@ -413,8 +420,12 @@ def build_tiny_qwen2_vl(model_dir, data_dir, seed):
     import json
 
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers import Qwen2VLImageProcessorPil
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
 
     torch.manual_seed(seed)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -534,7 +545,8 @@ def processed_demo_data(model_dir, out, *flags, data_path=None):
 
 def make_parser():
     parser = common.make_parser(__doc__)
-    parser.add_argument("--out", default=DEMO_DIR, help="folder to build into (default: demo_assets/ beside this script)")
+    parser.add_argument("--out", default=DEMO_DIR,
+                        help="folder to build into (default: demo_assets/ beside this script)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
     parser.add_argument("--num_train", type=int, default=3000, help="clean train rows (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even what exists")

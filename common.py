@@ -259,10 +259,22 @@ def write_json_atomic(path, data):
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def pick_dtype():
-    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU: the same choice for training and inference."""
+PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def add_precision(parser):
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                        help="weights and compute: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU; "
+                             "bf16 also runs on a CPU, where CPUs with native bf16 (AVX-512 BF16, AMX) gain from it "
+                             "(default: %(default)s)")
+
+
+def pick_dtype(choice="auto"):
+    """The torch dtype for --precision: the same choice for training and inference."""
     import torch
 
+    if choice != "auto":
+        return getattr(torch, PRECISIONS[choice])
     if not torch.cuda.is_available():
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -61,7 +60,8 @@ def make_parser():
     arg("--data_path", default=common.PROCESSED_DIR, help="processed dataset for --evaluate (default: %(default)s)")
     arg("--split", default="test", help="split to evaluate or to generate traces for (default: %(default)s)")
     arg("--output_file", default=None,
-        help="results JSON (default: evaluation_results.json beside the adapter, or the model folder with --no_adapter)")
+        help="results JSON (default: evaluation_results.json beside the adapter, or the model folder with "
+             "--no_adapter)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--interactive", action="store_true", help="a prompt loop; Ctrl-D or Ctrl-C quits")
     mode.add_argument("--question",
@@ -98,6 +98,7 @@ def make_parser():
     common.add_switch(parser, "load_in_8bit", False, "load the base in 8-bit")
     common.add_switch(parser, "load_in_4bit", False, "load the base in 4-bit nf4")
     common.add_attn_implementation(parser)
+    common.add_precision(parser)
     arg("--trust_remote_code", action="store_true", help="allow the model folder to run its own code")
     return parser
 
@@ -152,8 +153,9 @@ def load_model(args):
                                                        processing_path=adapter)  # training saved its own copy
     else:
         prompter = model_kinds.Prompter.for_model(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    model = model_kinds.load_model(args.model_name_or_path, prompter.reads_images, common.pick_dtype(),
-                                   args.load_in_4bit, args.load_in_8bit,
+    refuse_before_loading(args, prompter)
+    model = model_kinds.load_model(args.model_name_or_path, prompter.reads_images,
+                                   common.pick_dtype(args.precision), args.load_in_4bit, args.load_in_8bit,
                                    "auto" if torch.cuda.is_available() else None,
                                    common.attn_implementation(args.attn_implementation), args.trust_remote_code)
     if adapter is not None:
@@ -161,6 +163,16 @@ def load_model(args):
 
         model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval(), prompter
+
+
+def refuse_before_loading(args, prompter):
+    """What would fail after the minutes an 8B takes to load fails now, with its one line."""
+    if args.image_control != "none" and not prompter.reads_images:
+        raise UsageError("--image_control needs a vision-language model: a text model never sees the figure")
+    if args.evaluate and args.method in ("letter", "all"):
+        letter_token_ids(prompter)
+    if args.evaluate or args.generate_traces:
+        load_eval_questions(args)
 
 
 def load_eval_questions(args):
@@ -246,6 +258,9 @@ def ranked(option_scores):
 def letter_token_ids(prompter):
     """(ids of the answer head, the one token id of each letter after it), or a UsageError where the
     tokenizer merges a letter with what surrounds it (then only --method score is meaningful)."""
+    if not prompter.format.include_choices:
+        raise UsageError("--method letter needs the options shown (preprocessed without --no_include_choices); "
+                         "use --method score")
     tokenizer, head_text = prompter.tokenizer, prompter.format.answer_head()
     head = tokenizer(head_text, add_special_tokens=False)["input_ids"]
     letters = []
@@ -263,9 +278,6 @@ def score_letters(model, prompter, batch):
     log-probabilities of the option letters alone."""
     import torch
 
-    if not prompter.format.include_choices:
-        raise UsageError("--method letter needs the options shown (preprocessed without --no_include_choices); "
-                         "use --method score")
     head, letter_ids = letter_token_ids(prompter)
     inputs, positions, _ = prompt_batch(prompter, batch, model, suffix=head)
     with torch.no_grad():
@@ -392,7 +404,8 @@ def evaluate(model, prompter, questions, method, args):
             for item, answer in zip(batch, answers):
                 records.append({"id": item["id"], "question": item["question"], "options": item["options"],
                                 "figure_path": item.get("figure_path"), "gold": item["answer_label"],
-                                "predicted": answer["predicted"], "correct": answer["predicted"] == item["answer_label"],
+                                "predicted": answer["predicted"],
+                                "correct": answer["predicted"] == item["answer_label"],
                                 "option_scores": answer.get("option_scores"), "samples": answer.get("samples")})
             bar.update(len(batch))
     return {**summarize(records, time.time() - start), "records": records}
@@ -627,8 +640,6 @@ def main(argv=None):
         return
     options = parse_choices(args.choices) if args.question and args.choices else None
     model, prompter = load_model(args)
-    if args.image_control != "none" and not prompter.reads_images:
-        raise UsageError("--image_control needs a vision-language model: a text model never sees the figure")
 
     if args.evaluate:
         report = evaluate_all(model, prompter, args)

@@ -7,15 +7,13 @@
 Runs the real preprocessing into a temporary folder, prints two examples with the trained region marked
 [[like this]], and checks what training relies on: no bos beyond the template's; prompt ids equal to the ids
 inference feeds the model (a vision-language model's figure included); labels -100 on the prompt, every
-completion token trained, eos last; the answer parser reads each completion back to its gold letter. Exit status 0 = all good, 1 = a broken
-invariant (the message says which), 2 = bad input.
+completion token trained, eos last; the answer parser reads each completion back to its gold letter. Exit
+status 0 = all good, 1 = a broken invariant (the message says which), 2 = bad input.
 """
 import contextlib
 import io
-import json
 import sys
 import tempfile
-from pathlib import Path
 
 import common
 import model_kinds
@@ -77,8 +75,9 @@ def show(row, tokenizer):
 
 def main(argv=None):
     args = parse_args(argv)
-    import preprocess_pmc_vqa_for_sft as preprocess
     from datasets import load_from_disk
+
+    import preprocess_pmc_vqa_for_sft as preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         flags = ["--data_path", args.data_path, "--model_name_or_path", args.model_name_or_path,

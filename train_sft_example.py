@@ -35,7 +35,11 @@ def make_parser():
         help="output of preprocess_pmc_vqa_for_sft.py (default: %(default)s)")
     arg("--model_name_or_path", default=common.MODEL_PATH, help="base model (default: %(default)s)")
     arg("--output_dir", default=common.OUTPUT_DIR, help="checkpoints and final_model/ (default: %(default)s)")
-    arg("--max_samples", type=int, default=None, help="train on at most this many rows (default: all)")
+    arg("--max_samples", type=int, default=None,
+        help="train on at most this many rows, and validate on as many (default: all)")
+    arg("--max_eval_samples", type=int, default=None,
+        help="validation rows for the validation loss (default: --max_samples, else all; the real v1 split has "
+             "~8,800, a pass over them at every evaluation costs minutes on the 8B)")
     arg("--num_epochs", type=float, default=1.0, help="passes over the training rows (default: %(default)s)")
     arg("--batch_size", type=int, default=4, help="rows per device per step (default: %(default)s)")
     arg("--eval_batch_size", type=int, default=None,
@@ -63,6 +67,7 @@ def make_parser():
            "[tokens, vocab] logits, the largest memory cost of the 8B's loss. Needs a CUDA GPU and "
            "pip install liger-kernel")
     common.add_attn_implementation(parser)
+    common.add_precision(parser)
     arg("--eval_steps", type=int, default=200,
         help="evaluate on validation and save a checkpoint every N steps: a checkpoint at every evaluation is what "
              "lets the best one become final_model/ (default: %(default)s)")
@@ -113,8 +118,9 @@ def parse_args(argv=None):
     for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_steps", "logging_steps", "lora_r"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.num_epochs <= 0 or (args.max_samples is not None and args.max_samples < 1):
-        raise UsageError("--num_epochs and --max_samples must be positive")
+    args.max_eval_samples = args.max_eval_samples or args.max_samples
+    if args.num_epochs <= 0 or any(n is not None and n < 1 for n in (args.max_samples, args.max_eval_samples)):
+        raise UsageError("--num_epochs, --max_samples and --max_eval_samples must be positive")
     if args.eval_accuracy_samples < 0:
         raise UsageError(f"--eval_accuracy_samples must be 0 or more, got {args.eval_accuracy_samples}")
     args.metric_for_best_model = args.metric_for_best_model or ("accuracy" if args.eval_accuracy_samples else "loss")
@@ -132,7 +138,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_processed_dataset(data_path, max_samples, accuracy_samples, columns):
+def load_processed_dataset(data_path, max_samples, accuracy_samples, columns, max_eval_samples=None):
     """train and validation splits with only the columns the collator reads, and the first accuracy_samples
     validation questions as records for option scoring; clear errors for anything else."""
     hint = f"run: python preprocess_pmc_vqa_for_sft.py --output_dir {data_path}"
@@ -140,12 +146,12 @@ def load_processed_dataset(data_path, max_samples, accuracy_samples, columns):
     from datasets import load_from_disk
 
     splits = load_from_disk(str(data_path))
-    for name in ("train", "validation"):
+    for name, limit in (("train", max_samples), ("validation", max_eval_samples)):
         if name not in splits or "labels" not in splits[name].column_names:
             raise UsageError(f"{data_path} lacks a '{name}' split with labels; {hint}")
         split = splits[name]
-        if max_samples:
-            split = split.select(range(min(max_samples, len(split))))  # contiguous: a slice, no index map
+        if limit:
+            split = split.select(range(min(limit, len(split))))  # contiguous: a slice, no index map
         labels = pc.list_flatten(split.data.column("labels"))  # Arrow: no 50M Python ints for the full train set
         if not len(split) or not pc.any(pc.not_equal(labels, -100)).as_py():
             raise UsageError(f"the {name} split of {data_path} has no trainable tokens; {hint}")
@@ -155,14 +161,15 @@ def load_processed_dataset(data_path, max_samples, accuracy_samples, columns):
     return splits["train"].select_columns(columns), splits["validation"].select_columns(columns), questions
 
 
-def pick_precision():
-    """(torch dtype, TrainingArguments kwargs) for this hardware: bf16, fp16, or fp32 on CPU."""
+def pick_precision(choice="auto"):
+    """(torch dtype, TrainingArguments kwargs) for --precision on this hardware."""
     import torch
 
-    dtype = common.pick_dtype()
-    if dtype == torch.float32:
-        return dtype, {"use_cpu": True}  # use_cpu: without it torchrun on CPU never wraps the model in DDP
-    return dtype, {"bf16": True} if dtype == torch.bfloat16 else {"fp16": True}
+    dtype = common.pick_dtype(choice)
+    # use_cpu: without it torchrun on CPU never wraps the model in DDP
+    device = {} if torch.cuda.is_available() else {"use_cpu": True}
+    mixed = {torch.bfloat16: {"bf16": True}, torch.float16: {"fp16": True}}.get(dtype, {})
+    return dtype, {**device, **mixed}
 
 
 def setup_model(args, dtype, vlm):
@@ -340,7 +347,8 @@ def plot_loss_curve(log_history, path):
     if accuracy:
         right = ax.twinx()
         right.plot(*zip(*accuracy), marker="s", color="tab:green", label="validation accuracy")
-        right.set(ylabel="validation accuracy", ylim=(0, 1))
+        right.axhline(0.25, color="tab:green", linestyle=":", label="chance (4 options)")
+        right.set(ylabel="validation accuracy", ylim=(0, 1.05))  # 1.05: an accuracy of 1.0 is not the border
         right.legend(loc="upper right")
     ax.legend(loc="upper left")
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -464,12 +472,12 @@ def main(argv=None):
     prompter = model_kinds.Prompter.from_processed(args.data_path, args.model_name_or_path, args.trust_remote_code)
     train, validation, accuracy_questions = load_processed_dataset(args.data_path, args.max_samples,
                                                                    args.eval_accuracy_samples,
-                                                                   prompter.training_columns)
+                                                                   prompter.training_columns, args.max_eval_samples)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     from transformers import set_seed
 
     set_seed(args.seed)
-    dtype, precision = pick_precision()
+    dtype, precision = pick_precision(args.precision)
     model = setup_model(args, dtype, prompter.reads_images)
     trainer = build_trainer(args, model, prompter, train, validation, precision, accuracy_questions)
     engine = requested_engine()

@@ -142,7 +142,8 @@ def figure_data(folder):
     (folder / "images").mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(0)
     for figure in sorted({row[0] for row in rows}):
-        Image.fromarray(pixels.integers(0, 256, (*FIGURE_SIZE[::-1], 3), dtype="uint8")).save(folder / "images" / figure)
+        noise = pixels.integers(0, 256, (*FIGURE_SIZE[::-1], 3), dtype="uint8")
+        Image.fromarray(noise).save(folder / "images" / figure)
     for name in ("train.csv", "test_clean.csv"):
         bda.write_csv(folder / name, rows)
     return folder

@@ -23,6 +23,7 @@ import common  # noqa: E402
 import model_kinds  # noqa: E402
 
 RUNS = {"ours, dynamic padding": "ours", "ours, --packing": "ours_packing",
+        "ours, --gradient_checkpointing": "ours_checkpointing",
         "TRL SFTTrainer, padded": "trl", "TRL SFTTrainer, padding_free": "trl_padding_free"}
 
 
@@ -46,7 +47,8 @@ def one_run(run, model_dir, processed, args):
     flags = ["--model_name_or_path", str(model_dir), "--data_path", str(processed), "--output_dir",
              str(ROOT / "bench" / "results" / f"vs_trl_{run}"), "--batch_size", str(args.batch_size), "--grad_accum",
              "1", "--learning_rate", "2e-4", "--eval_accuracy_samples", "0", "--seed", "0"]
-    run_args = train.parse_args(flags + (["--packing"] if run == "ours_packing" else []))
+    extra = {"ours_packing": ["--packing"], "ours_checkpointing": ["--gradient_checkpointing"]}.get(run, [])
+    run_args = train.parse_args(flags + extra)
     prompter = model_kinds.Prompter.from_processed(processed, model_dir)
     train_rows, validation, _ = train.load_processed_dataset(processed, args.steps * args.batch_size, 0,
                                                              prompter.training_columns)
@@ -65,7 +67,11 @@ def one_run(run, model_dir, processed, args):
                            warmup_steps=0.03, num_train_epochs=1, seed=0, data_seed=0, save_strategy="no",
                            eval_strategy="no", report_to="none", use_cpu=True, max_length=None,
                            padding_free=run == "trl_padding_free", include_num_input_tokens_seen="non_padding",
-                           disable_tqdm=True, dataset_num_proc=1)
+                           disable_tqdm=True, dataset_num_proc=1,
+                           # TRL 1.x turns both on by default (Trainer does not): off, so both sides run the
+                           # same fp32 computation with activations kept (ours_checkpointing shows what the
+                           # default would save)
+                           gradient_checkpointing=False, bf16=False)
         trainer = SFTTrainer(model=model, args=config, train_dataset=train_rows, eval_dataset=validation,
                              processing_class=prompter.tokenizer)
     start = time.time()

@@ -1,13 +1,17 @@
 """Fixtures that build real small things (the demo assets, the real SmolLM2 model, processed datasets) and the
 few helpers every test file shares: a script runner, the in-process preprocessing call, a v1 row builder and
 a CSV writer."""
+import contextlib
 import csv
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import unittest.mock
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one worker per core: one thread each, scripts included
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import build_demo_assets  # noqa: E402
 import preprocess_pmc_vqa_for_sft  # noqa: E402
@@ -27,6 +33,22 @@ def run_script(script, *args, timeout=600, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", ROOT), env=env, **kwargs)
+
+
+def run_in_process(main, *args, stdin=""):
+    """A script's main() run as its command line runs it (common.run_main: one-line errors, exit status 2), in this
+    interpreter: no second import of torch and transformers. Returns what run_script does."""
+    import common
+
+    out, err = io.StringIO(), io.StringIO()
+    returncode = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            unittest.mock.patch("sys.stdin", io.StringIO(stdin)):
+        try:
+            common.run_main(lambda: main([str(arg) for arg in args]))
+        except SystemExit as exited:
+            returncode = exited.code or 0
+    return SimpleNamespace(returncode=returncode, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def preprocess(data_path, model_dir, out, *flags):
@@ -129,3 +151,30 @@ def small_processed(tmp_path_factory, data_dir, model_dir):
     out = tmp_path_factory.mktemp("small") / "data"
     preprocess(data_dir, model_dir, out, "--sample_size", 64)
     return out
+
+
+@pytest.fixture(scope="session")
+def adapter(tmp_path_factory, small_processed, model_dir):
+    """A LoRA adapter trained for 4 steps on small_processed: enough to answer in the format, shared by every
+    test that needs a fine-tuned model rather than a good one."""
+    out = tmp_path_factory.mktemp("sft")
+    result = run_script("train_sft_example.py", "--data_path", small_processed, "--model_name_or_path", model_dir,
+                        "--output_dir", out, "--max_samples", 32, "--batch_size", 8, "--grad_accum", 1,
+                        "--learning_rate", 3e-3, "--eval_steps", 2, "--eval_accuracy_samples", 8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "final_model"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, data_dir, model_dir):
+    """(processed folder, training output) of a shortened `make demo`: its recipe files on 640 training rows."""
+    work = tmp_path_factory.mktemp("demo")
+    processed, out = work / "processed", work / "sft"
+    for script, *args in [
+            ("preprocess_pmc_vqa_for_sft.py", "--data_path", data_dir, "--model_name_or_path", model_dir,
+             "--output_dir", processed, build_demo_assets.DEMO_RECIPES["preprocess"]),
+            ("train_sft_example.py", "--data_path", processed, "--model_name_or_path", model_dir, "--output_dir",
+             out, build_demo_assets.DEMO_RECIPES["train"], "--max_samples", 640)]:
+        result = run_script(script, *args)
+        assert result.returncode == 0, f"{script}: {result.stderr[-3000:]}"
+    return processed, out
