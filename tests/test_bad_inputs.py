@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, V1, run_in_process, run_script, v1_row, write_csv
 
 import build_demo_assets as bda
 import common
-from conftest import ROOT, V1, run_script, v1_row, write_csv
+import preprocess_pmc_vqa_for_sft
 
 SCRIPTS = ["preprocess_pmc_vqa_for_sft.py", "train_sft_example.py", "inference_example.py", "test_preprocessing.py",
            "build_demo_assets.py"]
@@ -31,8 +32,8 @@ def assert_one_line_error(result, *words):
 
 
 def preprocess(tmp_path, data_path, model_dir, *extra):
-    return run_script("preprocess_pmc_vqa_for_sft.py", "--data_path", data_path, "--model_name_or_path", model_dir,
-                      "--output_dir", tmp_path / "out", "--num_proc", 1, *extra)
+    return run_in_process(preprocess_pmc_vqa_for_sft.main, "--data_path", data_path, "--model_name_or_path",
+                          model_dir, "--output_dir", tmp_path / "out", "--num_proc", 1, *extra)
 
 
 def make_bad_file(tmp_path, kind):
@@ -81,32 +82,86 @@ def test_dirty_rows_are_counted_not_fatal(tmp_path, model_dir):
     assert stats["rows_read"] == stats["rows_kept"] + sum(stats["rows_dropped"].values()) == 40
 
 
-def test_missing_paths_and_bad_numbers_are_one_clear_line(tmp_path, model_dir, small_processed):
-    csv_file = write_csv(tmp_path / "train.csv", clean_rows())
-    assert_one_line_error(preprocess(tmp_path, tmp_path / "nope", model_dir), "does not exist")
-    assert_one_line_error(preprocess(tmp_path, csv_file, model_dir, "--sample_size", 0), "--sample_size")
-    assert_one_line_error(preprocess(tmp_path, csv_file, tmp_path / "no-model"), "--model_name_or_path")
-    interrupted = tmp_path / "processed.incomplete"
-    interrupted.mkdir()
-    for data in (interrupted, csv_file):  # an interrupted run's folder; a file where a folder is expected
-        result = run_script("train_sft_example.py", "--data_path", data, "--model_name_or_path", model_dir)
-        assert_one_line_error(result, "preprocess_pmc_vqa_for_sft.py")
-    result = run_script("train_sft_example.py", "--data_path", small_processed, "--load_in_8bit", "--load_in_4bit")
-    assert_one_line_error(result, "exclusive")
-    result = run_script("train_sft_example.py", "--data_path", small_processed, "--max_samples", -1)
-    assert_one_line_error(result, "positive")
-    for bad in ("0", "-3"):
-        result = run_script("inference_example.py", "--evaluate", "--num_samples", bad)
-        assert_one_line_error(result, "--num_samples")
-    result = run_script("inference_example.py", "--question", "Q?", "--choices", "A:Liver")
-    assert_one_line_error(result, "2 to 4 options")
+# Every UsageError path a user can reach from the command line, run in-process through the scripts' own
+# run_main (what running a script does): exit status 2 and one line naming the fix. {tmp}, {model}, {csv},
+# {processed}, {no_choices} and {vlm} are filled in per test (a flag given twice: the last wins).
+USAGE_ERRORS = [
+    ("preprocess", ["--data_path", "{tmp}/nope"], "does not exist"),
+    ("preprocess", ["--data_path", "{tmp}/notes.txt"], "not a .csv"),
+    ("preprocess", ["--data_path", "{tmp}"], "holds neither train.csv"),
+    ("preprocess", ["--data_path", "{tmp}", "--data_version", "v2"], "--data_version v2"),
+    ("preprocess", ["--sample_size", "0"], "--sample_size"),
+    ("preprocess", ["--val_ratio", "0.7"], "--val_ratio"),
+    ("preprocess", ["--reasoning_traces", "{tmp}/none.jsonl"], "--generate_traces"),
+    ("preprocess", ["--reasoning_traces", "{tmp}/notes.txt"], "not JSON"),
+    ("preprocess", ["--max_length", "8"], "--max_length"),
+    ("preprocess", ["--num_proc", "0"], "--num_proc"),
+    ("preprocess", ["--max_pixels", "100"], "--max_pixels"),
+    ("preprocess", ["--max_pixels", "4096", "--model_name_or_path", "{vlm}"], "drop --max_pixels"),
+    ("preprocess", ["--test_file", "{tmp}/none.csv"], "--test_file"),
+    ("preprocess", ["--model_name_or_path", "{tmp}/no-model"], "--model_name_or_path"),
+    ("train", ["--load_in_8bit", "--load_in_4bit"], "exclusive"),
+    ("train", ["--merge", "--load_in_4bit"], "reloaded in 16-bit"),
+    ("train", ["--packing", "--group_by_length"], "pick one"),
+    ("train", ["--batch_size", "0"], "--batch_size"),
+    ("train", ["--grad_accum", "0"], "--grad_accum"),
+    ("train", ["--max_samples", "-1"], "positive"),
+    ("train", ["--num_epochs", "0"], "positive"),
+    ("train", ["--eval_accuracy_samples", "-1"], "--eval_accuracy_samples"),
+    ("train", ["--metric_for_best_model", "accuracy", "--eval_accuracy_samples", "0"], "needs --eval_accuracy"),
+    ("train", ["--use_liger_kernel"], "liger"),
+    ("train", ["--attn_implementation", "flash_attention_2"], "flash-attn"),
+    ("train", ["--data_path", "{tmp}/processed.incomplete"], "preprocess_pmc_vqa_for_sft.py"),
+    ("train", ["--data_path", "{csv}"], "preprocess_pmc_vqa_for_sft.py"),
+    ("train", ["--resume_from_checkpoint", "{tmp}/nope"], "not a complete checkpoint"),
+    ("inference", ["--load_in_8bit", "--load_in_4bit"], "exclusive"),
+    ("inference", ["--evaluate", "--num_samples", "0"], "--num_samples"),
+    ("inference", ["--batch_size", "0"], "--batch_size"),
+    ("inference", ["--num_return_sequences", "3"], "--temperature"),
+    ("inference", ["--choices", "A:Liver", "B:Spleen"], "goes with --question"),
+    ("inference", ["--compare_base", "--no_adapter"], "drop --no_adapter"),
+    ("inference", ["--image_control", "blank"], "goes with --evaluate"),
+    ("inference", ["--image", "{tmp}/none.png"], "not a file"),
+    ("inference", ["--question", "Q?", "--choices", "A:Liver"], "2 to 4 options"),
+    ("inference", ["--question", "Q?", "--choices", "X:Liver", "B:Spleen"], 'expected "A:text"'),
+    ("inference", ["--report", "{tmp}/none.json"], "NAME=FILE"),
+    ("inference", ["--adapter_path", "{tmp}"], "adapter_config.json"),
+    ("inference", ["--data_path", "{tmp}/nope", "--no_adapter", "--evaluate"], "not a complete processed dataset"),
+    ("inference", ["--split", "nope", "--no_adapter", "--evaluate"], "has no split"),
+    ("inference", ["--evaluate", "--no_adapter", "--image_control", "blank"], "vision-language model"),
+    ("inference", ["--evaluate", "--no_adapter", "--method", "letter", "--data_path", "{no_choices}"],
+     "options shown"),
+    ("test_preprocessing", ["--num_rows", "0"], "--num_rows"),
+]
 
 
-def test_adapter_folder_without_config_names_the_training_command(tmp_path, model_dir, small_processed):
-    (tmp_path / "final_model").mkdir()
-    result = run_script("inference_example.py", "--model_name_or_path", model_dir, "--adapter_path",
-                        tmp_path / "final_model", "--data_path", small_processed)
-    assert_one_line_error(result, "adapter_config.json", "train_sft_example.py")
+@pytest.fixture(scope="module")
+def no_choices(tmp_path_factory, data_dir, model_dir):
+    from conftest import preprocess as preprocess_in_process
+
+    out = tmp_path_factory.mktemp("no-choices") / "data"
+    preprocess_in_process(data_dir, model_dir, out, "--sample_size", 8, "--no_include_choices")
+    return out
+
+
+@pytest.mark.parametrize("script, argv, words", USAGE_ERRORS, ids=[f"{s}:{w}" for s, _, w in USAGE_ERRORS])
+def test_each_usage_error_is_one_line_and_exit_2(script, argv, words, tmp_path, assets, small_processed,
+                                                 no_choices):
+    import importlib
+
+    module = importlib.import_module({"preprocess": "preprocess_pmc_vqa_for_sft", "train": "train_sft_example",
+                                      "inference": "inference_example"}.get(script, script))
+    (tmp_path / "notes" ".txt").write_text("not json\n")
+    (tmp_path / "processed.incomplete").mkdir()
+    csv_file = write_csv(tmp_path / "rows.csv", clean_rows(4))
+    fill = {"tmp": tmp_path, "model": assets.model, "vlm": assets.vlm, "csv": csv_file,
+            "processed": small_processed, "no_choices": no_choices}
+    defaults = {"preprocess": ["--data_path", "{csv}", "--output_dir", "{tmp}/out"],
+                "train": ["--data_path", "{processed}", "--output_dir", "{tmp}/sft"],
+                "inference": ["--data_path", "{processed}", "--adapter_path", "{tmp}/none"],
+                "test_preprocessing": ["--data_path", "{csv}"]}[script]
+    argv = [item.format(**fill) for item in [*defaults, "--model_name_or_path", "{model}", *argv]]
+    assert_one_line_error(run_in_process(module.main, *argv), words)
 
 
 def test_tokenizer_without_chat_template_is_refused(tmp_path, model_dir):

@@ -6,10 +6,11 @@ import os
 import shutil
 
 import pytest
-
 from conftest import ROOT, launch_environment, run_probe, run_script
 
 CONFIGS = ROOT / "configs" / "accelerate"
+# one xdist worker runs this file, so its shared fixtures are built once (make test: -n auto --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("distributed")
 
 
 def flags(data, model_dir, out, *extra):

@@ -5,7 +5,6 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import ROOT
 
 DOCS = ["README.md", "QUICKSTART_GUIDE.md", "PMC_VQA_PREPROCESSING_README.md", "FILES_SUMMARY.md", "MULTI_GPU.md"]

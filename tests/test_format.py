@@ -5,11 +5,11 @@ training row starts with are the ids inference feeds the model."""
 import shutil
 
 import pytest
+from conftest import ROOT, preprocess, prompter_for
 
 import common
 import model_kinds
 import test_preprocessing
-from conftest import ROOT, preprocess, prompter_for
 
 QUESTION, OPTIONS = " Which organ is marked? ", ["Liver", "Spleen", "Kidney", "Lung"]
 USER = ("Which organ is marked?\nOptions:\nA: Liver\nB: Spleen\nC: Kidney\nD: Lung\n"
@@ -45,6 +45,8 @@ def check_template(model_folder, tmp_path, prompt, completion, thinks):
             assert test_preprocessing.check_row(row, reread) == []
             ids = reread.prompt_ids(row)  # what inference feeds
             assert row["input_ids"][:len(ids)] == ids and row["labels"][:len(ids)] == [-100] * len(ids)
+            # what option scoring appends to the prompt is what training taught, eos included
+            assert reread.completion_ids(row["answer_label"], row["options"]) == row["input_ids"][len(ids):]
             assert row["input_ids"][-1] == row["labels"][-1] == tokenizer.eos_token_id
     return tokenizer
 

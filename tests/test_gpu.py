@@ -4,9 +4,9 @@ Every test here skips cleanly without CUDA; bench_gpu.py's CPU path is tested in
 import json
 
 import pytest
+from conftest import ROOT, run_script
 
 import build_demo_assets as bda
-from conftest import ROOT, run_script
 
 torch = pytest.importorskip("torch")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

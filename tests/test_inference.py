@@ -4,13 +4,15 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_in_process, run_script
 
 import common
 import inference_example as inference
 from bench.bench_inference import score_options_naive
-from conftest import run_script
 
 OPTIONS = ["Liver", "Spleen", "Kidney", "Lung"]
+# one xdist worker runs this file, so its shared fixtures are built once (make test: -n auto --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("inference")
 
 
 @pytest.mark.parametrize("text, letter", [
@@ -21,6 +23,7 @@ OPTIONS = ["Liver", "Spleen", "Kidney", "Lung"]
     ("so the answer is B, the spleen", "B"),
     ("<think>A looks wrong, maybe D</think>\nThe final answer is \\boxed{A}", "A"),
     ("\\boxed{ c }", "C"),
+    ("The answer is A at first glance.\n\\boxed{C}", "C"),  # the patterns' order: boxed before 'answer is'
     ("B. Spleen", "B"),
     ("(A)", "A"),
     ("Kidney", "C"),
@@ -115,16 +118,6 @@ def test_paired_comparison_matches_a_hand_computed_case():
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory, small_processed, model_dir):
-    out = tmp_path_factory.mktemp("sft")
-    result = run_script("train_sft_example.py", "--data_path", small_processed, "--model_name_or_path", model_dir,
-                        "--output_dir", out, "--max_samples", 32, "--batch_size", 8, "--grad_accum", 1,
-                        "--learning_rate", 3e-3, "--eval_steps", 2, "--eval_accuracy_samples", 8)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "final_model"
-
-
-@pytest.fixture(scope="module")
 def loaded(adapter, model_dir, small_processed):
     args = inference.parse_args(["--model_name_or_path", str(model_dir), "--adapter_path", str(adapter),
                                  "--data_path", str(small_processed), "--max_new_tokens", "24"])
@@ -183,10 +176,10 @@ def test_sampled_votes_run_k_samples_per_question(loaded):
     model, prompter, questions, args = loaded
     sampling = SimpleNamespace(**{**vars(args), "temperature": 0.6, "num_return_sequences": 3})
     answers = inference.generate_answers(model, prompter, questions[:2], sampling)
-    for answer in answers:
+    for answer in answers:  # the vote itself is pinned in test_contracts.py
         assert len(answer["samples"]) == 3
-        votes = [s["predicted"] for s in answer["samples"] if s["predicted"]]
-        assert answer["predicted"] == (max(votes, key=votes.count) if votes else None)
+        assert answer["predicted"] == inference.majority_vote(s["predicted"] for s in answer["samples"])
+        assert all((s["predicted"] is not None) == (s["status"] == "answered") for s in answer["samples"])
         assert all(0 < s["tokens"] <= 24 for s in answer["samples"])
 
 
@@ -217,18 +210,30 @@ def test_evaluate_writes_the_documented_report(adapter, model_dir, small_process
     assert set(report["paired"]) == {f"fine_tuned/{method} - base/{method}" for method in methods}
     assert set(report["paired"]["fine_tuned/score - base/score"]) >= {"accuracy_difference", "bootstrap_ci95",
                                                                       "mcnemar_exact_p"}
-    assert report["agreement"]["fine_tuned"]["score"]["score"] == 1.0
+    for name, r in report["results"].items():  # every number recomputed from the report's own records
+        assert r["correct"] == sum(q["correct"] for q in r["records"]) and r["accuracy"] == r["correct"] / 8
+        assert all(q["correct"] == (q["predicted"] == q["gold"]) for q in r["records"])
+    for pair, paired in report["paired"].items():
+        first, second = (report["results"][side]["records"] for side in pair.split(" - "))
+        assert paired["only_first_correct"] == sum(a["correct"] and not b["correct"] for a, b in zip(first, second))
+        assert paired["accuracy_difference"] == pytest.approx(
+            (sum(q["correct"] for q in first) - sum(q["correct"] for q in second)) / 8)
+    tuned = {m: [q["predicted"] for q in report["results"][f"fine_tuned/{m}"]["records"]] for m in methods}
+    assert report["agreement"]["fine_tuned"]["score"]["generate"] == pytest.approx(
+        sum(a == b for a, b in zip(tuned["score"], tuned["generate"])) / 8)
     assert report["prompt_format"] == {"include_choices": True, "add_reasoning": False, "thinks": True}
     assert "fine_tuned/letter" in result.stdout and "McNemar" in result.stdout  # the printed table
 
 
-def test_single_question_and_demo_modes_answer(adapter, model_dir, small_processed):
+def test_single_question_interactive_and_demo_modes_answer(adapter, model_dir, small_processed):
     common_flags = ["--model_name_or_path", model_dir, "--adapter_path", adapter, "--data_path", small_processed,
                     "--max_new_tokens", 16]
-    result = run_script("inference_example.py", "--question", "Which organ is shown?", "--choices", "A:Liver",
-                        "B:Spleen", *common_flags)
+    result = run_in_process(inference.main, "--question", "Which organ is shown?", "--choices", "A:Liver",
+                            "B:Spleen", *common_flags)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "parsed answer:" in result.stdout
-    result = run_script("inference_example.py", *common_flags, "--interactive",
-                        input="What is shown?\nA: Liver\nB: Spleen\n\n")
+    assert result.stdout.count("parsed answer:") == 1 and "B: Spleen" in result.stdout
+    result = run_in_process(inference.main, *common_flags, "--interactive",
+                            stdin="What is shown?\nA: Liver\nB: Spleen\n\n")
     assert result.returncode == 0 and result.stdout.count("parsed answer:") == 1, result.stderr[-2000:]
+    result = run_in_process(inference.main, *common_flags)  # no mode: three test questions, with their gold
+    assert result.returncode == 0 and result.stdout.count("parsed answer:") == 3, result.stderr[-2000:]

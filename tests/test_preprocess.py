@@ -3,10 +3,11 @@ every dirty-row kind, splits that cannot be carved."""
 import json
 
 import pytest
+from conftest import V1, preprocess, prompter_for, run_in_process, v1_row, write_csv
 
 import common
+import preprocess_pmc_vqa_for_sft
 import test_preprocessing
-from conftest import V1, preprocess, prompter_for, run_script, v1_row, write_csv
 
 V2 = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer", "split"]
 
@@ -144,7 +145,7 @@ def test_saved_hf_dataset_is_accepted(tmp_path, model_dir):
 
 
 def test_self_check_script_passes_on_the_demo_data(data_dir, model_dir):
-    result = run_script("test_preprocessing.py", "--data_path", data_dir, "--model_name_or_path", model_dir)
+    result = run_in_process(test_preprocessing.main, "--data_path", data_dir, "--model_name_or_path", model_dir)
     assert result.returncode == 0, result.stderr
     assert "[[" in result.stdout and "OK: " in result.stdout
 
@@ -163,8 +164,8 @@ def test_parser_reads_back_every_completion_shape(thinks, include_choices, add_r
 def test_a_single_csv_with_too_few_figures_is_one_clear_line(tmp_path, model_dir):
     path = write_csv(tmp_path / "one.csv", [v1_row(i, figure="PMC1_F1.png") for i in range(5)] +
                      [v1_row(i, figure="PMC2_F1.png") for i in range(5, 9)])
-    result = run_script("preprocess_pmc_vqa_for_sft.py", "--data_path", path, "--model_name_or_path", model_dir,
-                        "--output_dir", tmp_path / "out")
+    result = run_in_process(preprocess_pmc_vqa_for_sft.main, "--data_path", path, "--model_name_or_path", model_dir,
+                            "--output_dir", tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "no usable rows left for the train split" in result.stderr and "at least 3 figures" in result.stderr

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, prompter_for, run_probe, run_script
 
 import train_sft_example as train
-from conftest import ROOT, prompter_for, run_probe, run_script
 
 
 def train_flags(data, model_dir, out, *extra):

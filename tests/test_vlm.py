@@ -5,15 +5,17 @@ import json
 import shutil
 
 import pytest
+from conftest import preprocess, prompter_for, run_probe, run_script, v1_row, write_csv
 
 import inference_example as inference
 import model_kinds
 import test_preprocessing
 import train_sft_example as train
 from bench.bench_inference import score_options_naive
-from conftest import preprocess, prompter_for, run_probe, run_script, v1_row, write_csv
 
 FAMILIES = ["llava", "qwen2-vl"]
+# one xdist worker runs this file, so its shared fixtures are built once (make test: -n auto --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("vlm")
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +68,8 @@ def test_every_processed_row_keeps_the_invariants_with_its_figure(family, vlm_pr
     assert "pixel_values" in batch and ({"image_grid_thw", "mm_token_type_ids"} <= set(batch)) == (family == "qwen2-vl")
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
-        assert batch["input_ids"][i, :n].tolist() == row["input_ids"] and batch["labels"][i, :n].tolist() == row["labels"]
+        assert batch["input_ids"][i, :n].tolist() == row["input_ids"]
+        assert batch["labels"][i, :n].tolist() == row["labels"]
         assert prompter.prompt_ids(splits["train"][i]) == row["input_ids"][:row["labels"].count(-100)]
     assert not (batch["labels"] == image_token).any()
     assert ((batch["input_ids"] == image_token).sum(-1) > 0).all()
@@ -85,7 +88,8 @@ def figure_set(tmp_path, source_images):
     (images / "PMC_corrupt.png").write_bytes(b"GIF89a but not really")
     rows = [v1_row(i) for i in range(12)]
     rows += [v1_row(20, figure="PMC_wide.png"), v1_row(21, figure="PMC_empty.png"),
-             v1_row(22, figure="PMC_corrupt.png"), v1_row(23, figure="PMC_missing.png"), v1_row(24, figure="PMC3_F1.png")]
+             v1_row(22, figure="PMC_corrupt.png"), v1_row(23, figure="PMC_missing.png"),
+             v1_row(24, figure="PMC3_F1.png")]
     rows[-1][1] = " Is the <image> or the <|image_pad|> token here? "  # the model's own placeholder text
     return write_csv(tmp_path / "train.csv", rows)
 
