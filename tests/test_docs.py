@@ -2,7 +2,9 @@
 name exists, and every make target they show is defined. The repository
 stands on its own: no file, document or code comment, names a repository file that it does not contain."""
 import re
+import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -36,6 +38,35 @@ def test_every_flag_shown_is_accepted_by_its_script(doc):
                     for option in action.option_strings}
         for flag in flags:
             assert flag in accepted, f"{doc}: {script} has no flag {flag}"
+
+
+def shown_command_lines(text):
+    """(script, its argument list) for every command line of a document's code blocks, as a shell splits it."""
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", text.replace("\\\n", " "), re.S)
+    for line in (line for block in blocks for line in block.splitlines()):
+        words = shlex.split(line, comments=True)
+        if not words or not re.fullmatch(r"(.*/)?python3?|torchrun|accelerate", words[0]):
+            continue  # a diagram, a table or a make line, not a command that runs a script
+        for i, word in enumerate(words):
+            if Path(word).name in SCRIPTS:
+                end = next((j for j in range(i + 1, len(words)) if words[j] in {"|", "&&", ";", ">"}), len(words))
+                yield Path(word).name, words[i + 1:end]
+                break
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_command_shown_parses_with_its_script(doc, monkeypatch):
+    """Each command as written, recipe files (@configs/...) read, through the script's own parser: a wrong
+    choice, a missing value or a flag that moved fails here, not on a user's server."""
+    monkeypatch.chdir(ROOT)  # recipe paths in the documents are relative to the repository root
+    shown = list(shown_command_lines((ROOT / doc).read_text()))
+    assert shown or doc in ("FILES_SUMMARY.md", "PMC_VQA_PREPROCESSING_README.md")
+    for script, args in shown:
+        parser = __import__(script[:-3]).make_parser()
+        try:
+            parser.parse_args(args)
+        except SystemExit as exited:
+            assert exited.code == 0, f"{doc}: {script} {' '.join(args)}"  # 0: a --help line
 
 
 @pytest.mark.parametrize("doc", DOCS)

@@ -64,13 +64,14 @@ def test_scoring_agrees_with_generation_on_the_demo_fine_tune(tmp_path, data_dir
 
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_its_code_on_the_tiny_shape(tmp_path):
-    result = run_script("bench/bench_gpu.py", "--shape", "tiny", "--configs", "lora", "packing", "4bit", "score",
-                        "letter", "generate32")
+    rows = {"lora", "packing", "4bit", "score", "letter", "generate32", "vlm_lora", "vlm_score"}
+    result = run_script("bench/bench_gpu.py", "--shape", "tiny", "--configs", *sorted(rows))
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((ROOT / "bench" / "results" / "gpu_tiny.json").read_text())
-    assert set(table["rows"]) == {"lora", "packing", "4bit", "score", "letter", "generate32"}
+    assert set(table["rows"]) == rows
     for name, row in table["rows"].items():
         assert row["status"] == "ok" or row["status"].startswith("not available"), (name, row)
     assert table["rows"]["lora"]["tokens_per_second"] > 0 and table["rows"]["lora"]["hours_per_v1_epoch"] > 0
-    assert table["rows"]["score"]["questions_per_second"] > 0
+    assert table["rows"]["score"]["questions_per_second"] > 0 and table["rows"]["vlm_score"]["questions_per_second"] > 0
+    assert table["rows"]["vlm_lora"]["image_tokens_per_second"] > 0  # the tiny VLM's figures are counted apart
     assert "config" in result.stdout and "h/epoch v1" in result.stdout
