@@ -171,8 +171,6 @@ def refuse_before_loading(args, prompter):
         raise UsageError("--image_control needs a vision-language model: a text model never sees the figure")
     if args.evaluate and args.method in ("letter", "all"):
         letter_token_ids(prompter)
-    if args.evaluate or args.generate_traces:
-        load_eval_questions(args)
 
 
 def load_eval_questions(args):
@@ -180,9 +178,7 @@ def load_eval_questions(args):
     from datasets import load_from_disk
 
     path = Path(args.data_path)
-    if not (path / "dataset_dict.json").exists():
-        raise UsageError(f"{path} is not a processed dataset; run python preprocess_pmc_vqa_for_sft.py "
-                         f"--output_dir {path}")
+    common.read_processed_config(path)  # its one-line error if the folder is not a complete processed dataset
     splits = load_from_disk(str(path))
     if args.split not in splits:
         raise UsageError(f"{path} has no split {args.split!r}; it has {sorted(splits)}")
@@ -435,10 +431,9 @@ def agreement(results):
                 for b in predictions} for a in predictions}
 
 
-def evaluate_all(model, prompter, args):
+def evaluate_all(model, prompter, questions, args):
     """Every model (fine-tuned, base) x figure (real, blank) x method asked; the pairs that answer a question:
     what fine-tuning added, and what the figure adds."""
-    questions = load_eval_questions(args)
     methods = {"both": ["score", "generate"], "all": ["score", "letter", "generate"]}.get(args.method, [args.method])
     models = {"base" if args.no_adapter else "fine_tuned": contextlib.nullcontext}
     if args.compare_base:
@@ -602,13 +597,13 @@ def resume_traces(path, k):
     return done
 
 
-def generate_traces(model, prompter, args):
+def generate_traces(model, prompter, questions, args):
     """Append k sampled traces per question to the traces file, one JSON line each, flushed per question."""
     from tqdm import tqdm
 
     path = Path(args.output_file or "traces.jsonl")
     done = resume_traces(path, args.num_return_sequences)
-    questions = [q for q in load_eval_questions(args) if q["id"] not in done]
+    questions = [q for q in questions if q["id"] not in done]
     solved, start = 0, time.time()
     print(f"{len(done)} questions already in {path}; generating for {len(questions)}")
     with open(path, "a", encoding="utf-8") as out, tqdm(total=len(questions), unit="q", disable=None) as bar:
@@ -639,10 +634,12 @@ def main(argv=None):
         print_report(combined_report(args.report))
         return
     options = parse_choices(args.choices) if args.question and args.choices else None
+    # read before the model: a wrong --data_path or --split fails in a second, not after an 8B's load
+    questions = load_eval_questions(args) if args.evaluate or args.generate_traces else None
     model, prompter = load_model(args)
 
     if args.evaluate:
-        report = evaluate_all(model, prompter, args)
+        report = evaluate_all(model, prompter, questions, args)
         print_report(report)
         beside = Path(args.model_name_or_path if args.no_adapter else args.adapter_path)
         output = Path(args.output_file or (beside if beside.is_dir() else Path(".")) / "evaluation_results.json")
@@ -653,7 +650,7 @@ def main(argv=None):
                                           "reads_images": prompter.reads_images, **report})
         print(f"wrote {output}")
     elif args.generate_traces:
-        generate_traces(model, prompter, args)
+        generate_traces(model, prompter, questions, args)
     elif args.interactive:
         interactive(model, prompter, args)
     elif args.question:
