@@ -16,23 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import build_demo_assets as bda  # noqa: E402
 import common  # noqa: E402
-import model_kinds  # noqa: E402
-import train_sft_example as train  # noqa: E402
+from bench.cpu_training import add_flags, training_only_trainer  # noqa: E402
 
 
 def measure(strategy, processed, model_dir, steps, batch_size):
-    import torch
     from transformers import DataCollatorForSeq2Seq
 
     flags = {"packing": ["--packing"], "group_by_length": ["--group_by_length"]}.get(strategy, [])
-    args = train.parse_args(["--data_path", str(processed), "--model_name_or_path", str(model_dir), "--output_dir",
-                             str(ROOT / "bench" / "results" / "padding"), "--batch_size", str(batch_size),
-                             "--grad_accum", "1", "--eval_accuracy_samples", "0", *flags])
-    prompter = model_kinds.Prompter.from_processed(processed, model_dir)
-    train_rows, validation, _ = train.load_processed_dataset(processed, steps * batch_size, 0,
-                                                             prompter.training_columns)
-    model = train.setup_model(args, torch.float32, vlm=False)
-    trainer = train.build_trainer(args, model, prompter, train_rows, validation, {"use_cpu": True})
+    trainer, prompter = training_only_trainer(model_dir, processed, "padding", steps, batch_size,
+                                              ["--precision", "fp32", *flags])
     if strategy == "pad_to_2048":
         trainer.data_collator = DataCollatorForSeq2Seq(prompter.tokenizer, padding="max_length", max_length=2048,
                                                        label_pad_token_id=-100)
@@ -41,9 +33,6 @@ def measure(strategy, processed, model_dir, steps, batch_size):
         mask = batch.get("attention_mask")  # packed batches have none: every position is a real token
         real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         computed += batch["input_ids"].numel()
-    trainer.args.eval_strategy = "no"
-    trainer.args.save_strategy = "no"
-    trainer.args.load_best_model_at_end = False
     start = time.time()
     trainer.train()
     seconds = time.time() - start
@@ -52,9 +41,7 @@ def measure(strategy, processed, model_dir, steps, batch_size):
 
 def main():
     parser = common.make_parser(__doc__)
-    parser.add_argument("--model", choices=["tiny", "real"], default="tiny", help="which model (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per strategy (default: %(default)s)")
-    parser.add_argument("--batch_size", type=int, default=8, help="rows per step (default: %(default)s)")
+    add_flags(parser, steps=30)
     args = parser.parse_args()
     model_dir = bda.demo_model(args.model)
     processed = bda.processed_demo_data(model_dir, ROOT / "bench" / "results" / f"padding_data_{args.model}",
