@@ -95,6 +95,8 @@ def make_parser():
     arg("--temperature", type=float, default=0.0,
         help="0 = greedy; DeepSeek recommends 0.6 with top_p 0.95 for sampling (default: %(default)s)")
     arg("--top_p", type=float, default=0.95, help="nucleus sampling when --temperature > 0 (default: %(default)s)")
+    arg("--seed", type=int, default=42,
+        help="seed of sampling (--temperature > 0): the same command writes the same traces (default: %(default)s)")
     common.add_switch(parser, "load_in_8bit", False, "load the base in 8-bit")
     common.add_switch(parser, "load_in_4bit", False, "load the base in 4-bit nf4")
     common.add_attn_implementation(parser)
@@ -162,6 +164,7 @@ def load_model(args):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
+    torch.manual_seed(args.seed)  # sampling (--temperature > 0) draws from torch's generator
     return model.eval(), prompter
 
 

@@ -79,6 +79,11 @@ def test_traces_resume_without_duplicates_after_a_kill(tmp_path, model_dir, smal
     assert len(resumed) == 12 and len({(r["id"], r["sample"]) for r in resumed}) == 12
     assert resumed[:6] == records[:6]  # finished questions were kept as they were, not generated again
     assert "3 questions already in" in second.stdout
+    for seed, same in [(42, True), (7, False)]:  # 42: the default seed of the first run
+        again = tmp_path / f"seed{seed}.jsonl"
+        result = run_script("inference_example.py", *flags[:-1], again, "--num_samples", 4, "--seed", seed)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (again.read_text().splitlines() == lines) == same
 
 
 @pytest.mark.slow
@@ -90,7 +95,7 @@ def test_round_trip_generate_preprocess_train_evaluate(tmp_path, data_dir, model
     traces, processed, out = tmp_path / "traces.jsonl", tmp_path / "traced", tmp_path / "sft"
     steps = [
         ("inference_example.py", "--generate_traces", "--adapter_path", demo_out / "final_model",
-         "--model_name_or_path", model_dir, "--data_path", demo_processed, "--split", "train", "--num_samples", 16,
+         "--model_name_or_path", model_dir, "--data_path", demo_processed, "--split", "train", "--num_samples", 32,
          "--num_return_sequences", 2, "--temperature", 0.6, "--max_new_tokens", 32, "--output_file", traces),
         ("preprocess_pmc_vqa_for_sft.py", "--data_path", data_dir, "--model_name_or_path", model_dir,
          "--output_dir", processed, bda.DEMO_RECIPES["preprocess"], "--reasoning_traces", traces),
@@ -104,7 +109,7 @@ def test_round_trip_generate_preprocess_train_evaluate(tmp_path, data_dir, model
         assert result.returncode == 0, f"{script}: {result.stderr[-3000:]}"
     stats = json.loads((processed / "preprocessing_stats.json").read_text())
     counts = stats["reasoning_traces"]
-    assert counts["traces_read"] == 32 and counts["train_rows_with_trace"] > 0
+    assert counts["traces_read"] == 64 and counts["train_rows_with_trace"] > 0
     assert counts["train_rows_with_trace"] + counts["train_rows_without_trace"] == stats["splits"]["train"]
     report = json.loads((out / "final_model" / "evaluation_results.json").read_text())
     assert report["results"]["fine_tuned/generate"]["mean_generated_tokens"] > 0
