@@ -494,6 +494,9 @@ def main(argv=None):
     save_final_model(trainer, prompter, args, metrics)
     if trainer.is_world_process_zero():
         write_reports(trainer, args, metrics)
+    # Under torchrun a process group left to interpreter exit can abort a rank whose work is done ("terminate
+    # called without an active exception", exit -6), and the launcher reports the whole run as failed.
+    trainer.accelerator.end_training()
     return trainer
 
 

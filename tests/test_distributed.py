@@ -54,6 +54,7 @@ def test_two_process_ddp_on_cpu_shards_data_and_syncs_gradients(ddp):
                for rank in ranks)
     assert_ranks_split_the_data(ranks)
     assert ranks[0]["lora"] == ranks[1]["lora"]  # gradients were averaged: identical weights
+    assert all(rank["ended_training"] == 1 for rank in ranks)  # the process group is torn down, not left to exit
     assert adapter(out / "final_model")
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["metrics"]["world_size"] == 2

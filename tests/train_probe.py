@@ -15,7 +15,8 @@ Environment (test-only knobs; the train script has none of them):
                                               checkpoint is best
 
 Writes OUT_DIR/rank<R>.json: the rows each training step saw, the global step each training step began at, the
-sum of every LoRA weight at the end, the wrapper type and whether it is an FSDP2 module.
+sum of every LoRA weight at the end, the wrapper type, whether it is an FSDP2 module, and whether main() ended
+training (the process group's teardown, run here after the weights are gathered).
 """
 import json
 import os
@@ -67,6 +68,11 @@ def recording_step(self, model, inputs, *args, **kwargs):
 
 
 transformers.Trainer.training_step = recording_step
+# main() ends training (destroying the process group); the weights are gathered below, a collective: defer it
+from accelerate import Accelerator  # noqa: E402
+
+ended, end_training = [], Accelerator.end_training
+Accelerator.end_training = lambda accelerator: ended.append(accelerator)
 if os.environ.get("PROBE_ACCURACY"):
     scripted = [float(value) for value in os.environ["PROBE_ACCURACY"].split(",")]
     original_evaluate = inference_example.evaluate
@@ -93,4 +99,7 @@ rank = int(os.environ.get("RANK", 0))
     "seen": seen, "steps": steps, "lora": lora, "wrapped": type(trainer.model_wrapped).__name__,
     "fsdp2": isinstance(trainer.model_wrapped, FSDPModule),
     "distributed_type": trainer.accelerator.distributed_type.value,
-    "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}))
+    "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+    "ended_training": len(ended)}))
+for accelerator in ended:
+    end_training(accelerator)
