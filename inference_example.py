@@ -164,7 +164,8 @@ def load_model(args):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    torch.manual_seed(args.seed)  # sampling (--temperature > 0) draws from torch's generator
+    # seeded after the load, so nothing the load does to torch's generator reaches the samples (--temperature > 0)
+    torch.manual_seed(args.seed)
     return model.eval(), prompter
 
 

@@ -103,6 +103,10 @@ MUTATIONS = [
     Mutation("check-adapter-silent", TRAIN, 'raise SystemExit(f"error: {path} is missing',
              'return SystemExit(f"error: {path} is missing',
              ("tests/test_training.py::test_an_adapter_less_folder_is_never_kept",)),
+    Mutation("sampling-unseeded", INF, "    torch.manual_seed(args.seed)", "    pass",
+             ("tests/test_traces.py::test_traces_resume_without_duplicates_after_a_kill",), slow=True),
+    Mutation("process-group-left-to-exit", TRAIN, "    trainer.accelerator.end_training()", "    pass",
+             ("tests/test_distributed.py::test_two_process_ddp_on_cpu_shards_data_and_syncs_gradients",), slow=True),
     Mutation("fsdp-save-model-off", TRAIN, "if not self.is_fsdp_enabled:", "if True:",
              ("tests/test_distributed.py::test_fsdp2_on_two_cpu_processes_trains_like_ddp_saves_a_full_adapter_and_"
               "resumes[SHARDED_STATE_DICT]",), slow=True),
