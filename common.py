@@ -246,6 +246,18 @@ def parse_answer_letter(text, options):
 
 
 # --- Small helpers ----------------------------------------------------------------------------------------
+def make_output_folder(folder, flag):
+    """Create the folder a script will write into, before any work: a path that cannot hold the output fails
+    now in one line, never with a traceback after an evaluation or a training run that is then lost."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{flag}: cannot create the folder {folder} ({err.strerror or err}); pick a writable path")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag}: the folder {folder} is not writable; pick a writable path")
+
+
 def write_text_atomic(path, text):
     """Written to a temporary name and renamed: a reader never sees half a file."""
     path = Path(path)

@@ -124,6 +124,8 @@ def parse_args(argv=None):
         raise UsageError("--image_control goes with --evaluate")
     if args.image and not Path(args.image).is_file():
         raise UsageError(f"--image {args.image} is not a file")
+    if args.output_file and (args.evaluate or args.generate_traces):
+        common.make_output_folder(Path(args.output_file).parent, "--output_file")
     return args
 
 

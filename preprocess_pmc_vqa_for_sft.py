@@ -92,6 +92,7 @@ def parse_args(argv=None):
         raise UsageError(f"--max_pixels must be at least 784 (one 28x28 patch), got {args.max_pixels}")
     if args.test_file not in ("test_clean", "test") and not Path(args.test_file).is_file():
         raise UsageError(f"--test_file {args.test_file} is neither test_clean, test nor a CSV file")
+    common.make_output_folder(Path(args.output_dir).parent, "--output_dir")  # the dataset is renamed into it
     return args
 
 

@@ -135,6 +135,7 @@ def parse_args(argv=None):
 
         if not torch.cuda.is_available():
             raise UsageError("--use_liger_kernel needs a CUDA GPU (its kernels are Triton); drop the flag on CPU")
+    common.make_output_folder(args.output_dir, "--output_dir")
     return args
 
 

@@ -132,6 +132,11 @@ USAGE_ERRORS = [
     ("inference", ["--evaluate", "--no_adapter", "--method", "letter", "--data_path", "{no_choices}"],
      "options shown"),
     ("test_preprocessing", ["--num_rows", "0"], "--num_rows"),
+    # an output folder that cannot be made (a file is in its way) fails before any work, never at the end
+    ("preprocess", ["--output_dir", "{tmp}/notes.txt/processed"], "--output_dir"),
+    ("train", ["--output_dir", "{tmp}/notes.txt/sft"], "--output_dir"),
+    ("inference", ["--evaluate", "--output_file", "{tmp}/notes.txt/results.json"], "--output_file"),
+    ("inference", ["--generate_traces", "--output_file", "{tmp}/notes.txt/traces.jsonl"], "--output_file"),
 ]
 
 
