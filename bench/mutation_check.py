@@ -10,8 +10,9 @@ the fast tests that must catch it. For each, the repository's files (tracked, pl
 ignore) are copied to a temporary folder with demo_assets/ linked in, not copied (large, and only read), the
 one change is applied, and its tests run there with pytest -x: a failing run means the mutation was killed;
 a passing one means it SURVIVED, and the invariant is unguarded. Exit status 1 when any survived or could not
-be checked (an original line no longer found exactly once: a stale mutation). Not part of make test; run the
-fast tier first, since a test that fails without any mutation kills every mutation it is asked about.
+be checked (an original line no longer found exactly once: a stale mutation). First, a control run: the same
+tests on an unmutated copy (which has no .git, like every mutant's) must pass, since a test that fails without
+any mutation would kill every mutation it is asked about; exit status 2 when it does not. Not part of make test.
 """
 import argparse
 import os
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from repository import repository_files  # noqa: E402  (one list of the repository's files, tests' too)
 TIMEOUT_S = 900  # the slowest fast selection trains a tiny adapter first; a hung run must not stall the rest
 
 
@@ -40,6 +43,8 @@ class Mutation:
 
 TRAIN, PRE, INF = "train_sft_example.py", "preprocess_pmc_vqa_for_sft.py", "inference_example.py"
 CONTRACTS, R1 = "tests/test_contracts.py::", "tests/test_format.py::test_demo_r1_tokenizer"
+MAX_LENGTH = "tests/test_preprocess.py::test_max_length_keeps_a_row_of_exactly_that_length_and_drops_one_token_more"
+PRECISION = CONTRACTS + "test_auto_precision_is_fp32_on_a_cpu_and_4_bit_is_qlora_nf4"
 MUTATIONS = [
     # Splits, resume and the format
     Mutation("resume-oldest-checkpoint", TRAIN, "str(max(complete,", "str(min(complete,",
@@ -110,6 +115,66 @@ MUTATIONS = [
     Mutation("fsdp-save-model-off", TRAIN, "if not self.is_fsdp_enabled:", "if True:",
              ("tests/test_distributed.py::test_fsdp2_on_two_cpu_processes_trains_like_ddp_saves_a_full_adapter_and_"
               "resumes[SHARDED_STATE_DICT]",), slow=True),
+    # Issue 33's seven: each shown to change a number or a letter a user reads, with no test failing
+    Mutation("vote-counts-unparsed", INF, "votes = Counter(letter for letter in letters if letter)",
+             "votes = Counter(letters)",
+             (CONTRACTS + "test_majority_vote_takes_the_most_voted_letter_and_the_first_seen_on_a_tie",)),
+    Mutation("blank-control-is-real-figure", INF, '{"": None, "blank_image/": "blank"}',
+             '{"": None, "blank_image/": None}',
+             ("tests/test_vlm.py::test_the_blank_figure_report_rows_score_blank_figures",)),
+    Mutation("accuracy-on-train-rows", TRAIN, 'questions = splits["validation"].select(',
+             'questions = splits["train"].select(',
+             ("tests/test_training.py::test_checkpoint_accuracy_is_scored_on_validation_questions_only",)),
+    Mutation("absolute-figure-path-kept", PRE, r'|^[\\/]|^[A-Za-z]:', r'|^[A-Za-z]:',
+             (CONTRACTS + "test_figure_paths_that_could_leave_the_image_folder_are_dropped",)),
+    Mutation("max-pixels-ignored", "model_kinds.py", '"longest_edge": max_pixels}',
+             '"longest_edge": size["longest_edge"]}',
+             ("tests/test_vlm.py::test_max_pixels_caps_the_image_tokens_of_a_pixel_budget_processor",)),
+    Mutation("ids-without-split", PRE, '[f"{name}-{i}" for i in clean.index]', '[str(i) for i in clean.index]',
+             ("tests/test_preprocess.py::test_row_ids_name_their_split_so_a_trace_never_reaches_another_split",)),
+    Mutation("ambiguous-option-first", "common.py", "return matches[0] if len(matches) == 1 else None",
+             "return matches[0] if matches else None",
+             ("tests/test_inference.py::test_an_answer_naming_two_options_alike_is_unparsed_not_the_first",)),
+    # The second audit's own: outputs, budgets, baselines, resume, splits, labels, controls, precision
+    Mutation("eval-output-folder-not-made", INF,
+             '        common.make_output_folder(Path(args.output_file).parent, "--output_file")', "        pass",
+             ("tests/test_inference.py::test_evaluate_writes_the_documented_report",)),
+    Mutation("preprocess-output-checked-late", PRE,
+             '    common.make_output_folder(Path(args.output_dir).parent, "--output_dir")', "    pass",
+             ("tests/test_bad_inputs.py", "-k", "preprocess and output_dir")),
+    Mutation("train-output-checked-late", TRAIN, '    common.make_output_folder(args.output_dir, "--output_dir")',
+             "    pass", ("tests/test_bad_inputs.py", "-k", "train and output_dir")),
+    Mutation("generated-tokens-without-eos", INF, "return ids.index(eos) + 1 if eos in ids",
+             "return ids.index(eos) if eos in ids",
+             (CONTRACTS + "test_generated_length_counts_the_eos_and_not_the_padding",)),
+    Mutation("resume-keeps-partial-questions", INF, "if count >= k}", "if count >= 1}",
+             (CONTRACTS + "test_resumed_traces_keep_only_questions_with_all_their_samples",)),
+    Mutation("chance-always-four-options", INF, 'sum(1 / len(r["options"]) for r in records)',
+             "sum(1 / len(LETTERS) for r in records)",
+             (CONTRACTS + "test_the_chance_baseline_follows_each_questions_option_count",)),
+    Mutation("split-flag-ignored", INF, "split = splits[args.split]", 'split = splits["test"]',
+             ("tests/test_inference.py::test_the_split_asked_for_is_the_split_evaluated",)),
+    Mutation("empty-option-kept", PRE, '(text == ""), "empty_choice")', '(text == "") & False, "empty_choice")',
+             (CONTRACTS + "test_a_row_with_an_empty_option_is_dropped",)),
+    Mutation("eos-not-in-length-budget", PRE, '"completion_length": [len(c) + 1 for c in completion_ids]',
+             '"completion_length": [len(c) for c in completion_ids]',
+             (MAX_LENGTH,)),
+    Mutation("max-length-exclusive", PRE, '"completion_length") > args.max_length',
+             '"completion_length") >= args.max_length',
+             (MAX_LENGTH,)),
+    Mutation("vlm-padding-trained", "model_kinds.py", '"labels": -100, "mm_token_type_ids": 0',
+             '"labels": 0, "mm_token_type_ids": 0',
+             ("tests/test_vlm.py::test_the_vlm_collator_pads_labels_that_are_never_trained",)),
+    Mutation("self-check-blind-to-image-tokens", "test_preprocessing.py",
+             "if image_token is not None and image_token in", "if image_token is None and image_token in",
+             (CONTRACTS + "test_the_self_check_catches_a_trained_image_token",)),
+    Mutation("cpu-auto-precision-bf16", "common.py", "        return torch.float32\n",
+             "        return torch.bfloat16\n", (PRECISION,)),
+    Mutation("qlora-fp4", "common.py", 'bnb_4bit_quant_type="nf4"', 'bnb_4bit_quant_type="fp4"', (PRECISION,)),
+    Mutation("reported-metrics-of-last-evaluation", TRAIN, "step = state.best_global_step or max(evaluations",
+             "step = max(evaluations",
+             ("tests/test_training.py::test_the_best_checkpoint_becomes_final_model_and_early_stopping_stops",),
+             slow=True),
 ]
 
 
@@ -120,13 +185,12 @@ def stale(mutation):
 
 
 def copy_repository(dest):
-    """The files a commit would hold (tracked, and new ones git does not ignore: a new test file counts)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            check=True, capture_output=True, text=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if (ROOT / name).exists():  # a tracked file deleted in the working tree is not part of it
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name, follow_symlinks=False)
+    """The files a commit would hold (tracked, and new ones git does not ignore: a new test file counts); the
+    copy has no .git, so the tests must pass without one (the control run proves it)."""
+    for path in repository_files(ROOT):
+        name = path.relative_to(ROOT)
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / name, follow_symlinks=False)
     (dest / "demo_assets").symlink_to(ROOT / "demo_assets")
 
 
@@ -138,19 +202,19 @@ def first_failure(output):
     return ""
 
 
-def run(mutation):
-    """(outcome, detail): killed, SURVIVED, or an error (stale, timeout, a test selection that runs nothing)."""
-    if why := stale(mutation):
-        return "STALE", why
+def run_tests(tests, mutation=None):
+    """(pytest's exit status, or None on a timeout; its output) for the tests run on a copy of the repository,
+    with the mutation applied when one is given."""
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         copy = Path(tmp) / "repo"
         copy_repository(copy)
-        target = copy / mutation.file
-        target.write_text(target.read_text().replace(mutation.original, mutation.replacement))
+        if mutation:
+            target = copy / mutation.file
+            target.write_text(target.read_text().replace(mutation.original, mutation.replacement))
         # --basetemp in this temporary folder: pytest prunes old runs in the shared default one, which another
         # person's tests may be using. A new session, so a timeout also stops the scripts the tests launched.
         command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"--basetemp={tmp}/pytest",
-                   *mutation.tests]
+                   *tests]
         proc = subprocess.Popen(command, cwd=copy, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
@@ -158,10 +222,34 @@ def run(mutation):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            return "TIMEOUT", f"no verdict within {TIMEOUT_S} s"
-    if proc.returncode in (4, 5):  # usage error or nothing collected: a wrong test id would pass for a kill
-        return "ERROR", f"pytest exit {proc.returncode}: the test selection runs no test"
-    return ("killed", first_failure(output)) if proc.returncode else ("SURVIVED", "")
+            return None, ""
+    return proc.returncode, output
+
+
+def run(mutation):
+    """(outcome, detail): killed, SURVIVED, or an error (stale, timeout, a test selection that runs nothing)."""
+    if why := stale(mutation):
+        return "STALE", why
+    status, output = run_tests(mutation.tests, mutation)
+    if status is None:
+        return "TIMEOUT", f"no verdict within {TIMEOUT_S} s"
+    if status in (4, 5):  # usage error or nothing collected: a wrong test id would pass for a kill
+        return "ERROR", f"pytest exit {status}: the test selection runs no test"
+    return ("killed", first_failure(output)) if status else ("SURVIVED", "")
+
+
+def control_run(chosen):
+    """The chosen mutations' tests on an unmutated copy: '' when they pass, else what failed. A test that fails
+    without a mutation would 'kill' every mutation it is asked about, so none is judged before this passes.
+    Node ids run together in one pytest call; a selection with options (-k) runs on its own."""
+    node_ids = sorted({test for m in chosen if not any(t.startswith("-") for t in m.tests) for test in m.tests})
+    selections = ([node_ids] if node_ids else []) + [list(m.tests) for m in chosen
+                                                      if any(t.startswith("-") for t in m.tests)]
+    for tests in selections:
+        status, output = run_tests(tests)
+        if status != 0:
+            return f"{' '.join(tests)[:200]}: " + (first_failure(output) or f"pytest exit {status}")
+    return ""
 
 
 def main():
@@ -180,7 +268,12 @@ def main():
             print(f"{m.name}{' (slow)' if m.slow else ''}: {m.file}: {m.original!r} -> {m.replacement!r}")
             print(f"    tests: {' '.join(m.tests)}{'  ' + why if why else ''}")
         return 0
-    outcomes, start = [], time.time()
+    start = time.time()
+    if failed := control_run(chosen):
+        print(f"control run (no mutation) failed, so no mutation can be judged: {failed}")
+        return 2
+    print(f"control run (no mutation): the tests pass without .git, {time.time() - start:.0f} s", flush=True)
+    outcomes = []
     for m in chosen:
         began = time.time()
         outcome, detail = run(m)

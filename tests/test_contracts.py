@@ -1,9 +1,13 @@
 """Small pure functions the results rest on, each pinned where a one-line slip would change a number or a
 string a user reads: the prompt in every style, the splits, the statistics, the vote, the self-check's own
 checks. Fast: no model runs here (bench/mutation_check.py runs this file against mutated copies)."""
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import V1, v1_row
 
 import common
 import inference_example as inference
@@ -100,6 +104,7 @@ def test_majority_vote_takes_the_most_voted_letter_and_the_first_seen_on_a_tie()
     assert inference.majority_vote(["A", "B", None, "B"]) == "B"
     assert inference.majority_vote(["C", "A", "A", "C", None]) == "C"
     assert inference.majority_vote([None, None]) is None
+    assert inference.majority_vote([None, None, "B"]) == "B"  # unreadable samples never outvote a parsed letter
 
 
 def test_agreement_counts_shared_predictions_off_the_diagonal():
@@ -150,3 +155,65 @@ def test_the_self_check_names_each_broken_invariant(broken, problem):
     assert test_preprocessing.check_row(GOOD, FakePrompter()) == []
     problems = test_preprocessing.check_row({**GOOD, **broken}, FakePrompter())
     assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize("figure, kept", [
+    ("/etc/passwd", False), ("\\\\server\\share\\x.png", False), ("C:/figures/x.png", False),
+    ("../x.png", False), ("images/../../x.png", False), ("images\\..\\x.png", False),
+    ("images/PMC1_F1.png", True), ("PMC..1_F1.png", True),
+])
+def test_figure_paths_that_could_leave_the_image_folder_are_dropped(figure, kept):
+    frame = pd.DataFrame([v1_row(0, figure=figure)], columns=V1)
+    _, reason = preprocess.canonical_rows(frame, "test")
+    assert reason.tolist() == ["" if kept else "unsafe_figure_path"]
+
+
+def test_a_row_with_an_empty_option_is_dropped():
+    row = v1_row(0)
+    row[V1.index("Choice C")] = " C: "
+    _, reason = preprocess.canonical_rows(pd.DataFrame([row, v1_row(1)], columns=V1), "test")
+    assert reason.tolist() == ["empty_choice", ""]
+
+
+def test_generated_length_counts_the_eos_and_not_the_padding():
+    assert inference.generated_length([5, 6, 2, 0, 0], eos=2) == 3
+    assert inference.generated_length([5, 6, 7], eos=2) == 3  # the budget ran out: every token counts
+
+
+def test_the_chance_baseline_follows_each_questions_option_count():
+    records = [{"gold": "A", "predicted": "A", "correct": True, "options": OPTIONS[:n]} for n in (2, 4)]
+    assert inference.summarize(records, seconds=1.0)["chance_baseline"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+
+
+def test_resumed_traces_keep_only_questions_with_all_their_samples(tmp_path):
+    path = tmp_path / "traces.jsonl"
+    lines = [json.dumps({"id": q, "sample": s}) for q, s in (("a", 0), ("a", 1), ("b", 0))]
+    path.write_text("\n".join(lines) + '\n{"id": "c", "sam')  # b lacks a sample; c was cut mid-line
+    assert inference.resume_traces(path, k=2) == {"a"}
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "a"]
+
+
+def test_auto_precision_is_fp32_on_a_cpu_and_4_bit_is_qlora_nf4():
+    import torch
+
+    if not torch.cuda.is_available():
+        assert common.pick_dtype("auto") == torch.float32
+    assert common.pick_dtype("bf16") == torch.bfloat16
+    config = common.quantization_config(True, False, torch.bfloat16)
+    assert (config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == ("nf4", True)
+    assert common.quantization_config(False, False, torch.float32) is None
+
+
+class FakeVisionPrompter(FakePrompter):
+    """A VLM's view: image token 9 in the prompt."""
+    processor = SimpleNamespace(image_token_id=9)
+
+    def prompt_ids(self, row):
+        return [1, 9, 6]
+
+
+def test_the_self_check_catches_a_trained_image_token():
+    clean = {**GOOD, "input_ids": [1, 9, 6, 7, 8, 2]}
+    assert test_preprocessing.check_row(clean, FakeVisionPrompter()) == []
+    trained = {**GOOD, "input_ids": [1, 9, 6, 9, 8, 2], "labels": [-100, -100, -100, 9, 8, 2]}
+    assert test_preprocessing.check_row(trained, FakeVisionPrompter()) == ["an image token is trained"]

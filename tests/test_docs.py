@@ -3,11 +3,11 @@ name exists, and every make target they show is defined. The repository
 stands on its own: no file, document or code comment, names a repository file that it does not contain."""
 import re
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from repository import repository_files
 
 DOCS = ["README.md", "QUICKSTART_GUIDE.md", "PMC_VQA_PREPROCESSING_README.md", "FILES_SUMMARY.md", "MULTI_GPU.md"]
 SCRIPTS = {"preprocess_pmc_vqa_for_sft.py", "train_sft_example.py", "inference_example.py", "test_preprocessing.py",
@@ -78,13 +78,8 @@ def test_every_repository_file_named_exists(doc):
         assert (ROOT / name).exists(), f"{doc} names {name}, which does not exist"
 
 
-def tracked_files():
-    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [ROOT / name for name in listed.split()]
-
-
 def test_no_tracked_file_names_a_repository_file_it_lacks():
-    files = tracked_files()
+    files = repository_files(ROOT)
     basenames = {path.name for path in files}
     # a path with folders and any of these suffixes, or a bare file name (.args and .jinja only with folders:
     # `trainer.args` is code, a bare chat_template.jinja lives in model folders)

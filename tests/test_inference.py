@@ -51,6 +51,13 @@ def test_an_option_text_that_starts_like_a_letter_is_read_as_text():
     assert common.parse_answer_letter("Answer: C. B-cell lymphoma", options) == "C"
 
 
+def test_an_answer_naming_two_options_alike_is_unparsed_not_the_first():
+    options = ["Liver", "liver", "Kidney", "Lung"]  # --question --choices can repeat a text
+    assert common.parse_answer_letter("\n</think>\n\nAnswer: Liver", options) is None
+    assert common.parse_answer_letter("Liver", options) is None
+    assert common.parse_answer_letter("Answer: Kidney", options) == "C"
+
+
 def test_wilson_interval_matches_the_textbook_value():
     low, high = inference.wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
@@ -125,6 +132,16 @@ def loaded(adapter, model_dir, small_processed):
     return model, prompter, inference.load_eval_questions(args), args
 
 
+def test_the_split_asked_for_is_the_split_evaluated(small_processed):
+    from datasets import load_from_disk
+
+    splits = load_from_disk(str(small_processed))
+    for split in ("test", "validation"):
+        args = inference.parse_args(["--evaluate", "--data_path", str(small_processed), "--split", split,
+                                     "--num_samples", "5"])
+        assert [q["id"] for q in inference.load_eval_questions(args)] == splits[split]["id"][:5]
+
+
 def test_batched_generation_equals_one_by_one_under_greedy(loaded):
     model, prompter, questions, args = loaded
     # Prompts of different lengths, so left padding really happens.
@@ -186,7 +203,7 @@ def test_sampled_votes_run_k_samples_per_question(loaded):
 def test_evaluate_writes_the_documented_report(adapter, model_dir, small_processed, tmp_path):
     import pandas as pd
 
-    output = tmp_path / "eval.json"
+    output = tmp_path / "new" / "folder" / "eval.json"  # a folder that does not exist yet is created
     result = run_script("inference_example.py", "--evaluate", "--method", "all", "--compare_base",
                         "--num_samples", 8, "--max_new_tokens", 24, "--model_name_or_path", model_dir,
                         "--adapter_path", adapter, "--data_path", small_processed, "--output_file", output)

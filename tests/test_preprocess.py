@@ -88,6 +88,33 @@ def test_validation_is_grouped_by_figure(processed):
     assert not train_figures & set(splits["validation"]["figure_path"])
 
 
+def test_row_ids_name_their_split_so_a_trace_never_reaches_another_split(tmp_path, processed, data_dir):
+    splits, _ = load(processed)
+    ids = [i for split in splits.values() for i in split["id"]]
+    assert len(ids) == len(set(ids))
+    # traces generated for the test split (inference's default --split) attach to no training row
+    args = preprocess_pmc_vqa_for_sft.parse_args(["--data_path", str(data_dir), "--output_dir", str(tmp_path / "o")])
+    frames, dropped, _ = preprocess_pmc_vqa_for_sft.build_splits(
+        preprocess_pmc_vqa_for_sft.load_sources(data_dir, "test_clean", "auto")[0], args)
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("".join(json.dumps({"id": i, "correct": True, "finished": True, "reasoning": "r"}) + "\n"
+                              for i in frames["test"]["id"]))
+    args.reasoning_traces = str(traces)
+    counts = preprocess_pmc_vqa_for_sft.attach_traces(frames, args, dropped)
+    assert counts["questions_with_correct_trace"] == len(frames["test"]) and counts["train_rows_with_trace"] == 0
+
+
+def test_max_length_keeps_a_row_of_exactly_that_length_and_drops_one_token_more(tmp_path, model_dir):
+    path = write_csv(tmp_path / "train.csv", [v1_row(i) for i in range(20)])
+    splits, _ = preprocess(path, model_dir, tmp_path / "all")
+    longest = max(len(row["input_ids"]) for split in splits.values() for row in split)
+    at_longest = sum(len(row["input_ids"]) == longest for split in splits.values() for row in split)
+    _, stats = preprocess(path, model_dir, tmp_path / "exact", "--max_length", longest)
+    assert "longer_than_max_length" not in stats["rows_dropped"]
+    _, stats = preprocess(path, model_dir, tmp_path / "short", "--max_length", longest - 1)
+    assert stats["rows_dropped"]["longer_than_max_length"] == at_longest
+
+
 @pytest.mark.parametrize("row, reason", [
     (v1_row(1, label="'"), "answer_label_not_a_to_d"),
     (v1_row(1, label='"'), "answer_label_not_a_to_d"),

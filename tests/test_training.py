@@ -47,6 +47,16 @@ def test_packed_loss_equals_padded_loss_on_the_same_rows(small_processed, model_
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
 
 
+def test_checkpoint_accuracy_is_scored_on_validation_questions_only(small_processed):
+    from datasets import load_from_disk
+
+    splits = load_from_disk(str(small_processed))
+    train_rows, _, questions = train.load_processed_dataset(small_processed, None, 8,
+                                                            ["input_ids", "attention_mask", "labels"])
+    assert [q["id"] for q in questions] == splits["validation"]["id"][:8]
+    assert len(train_rows) == len(splits["train"])  # and never taken out of the rows trained on
+
+
 def test_the_chosen_metric_and_direction_reach_the_trainer(small_processed, model_dir):
     for flags, metric, greater in (([], "accuracy", True), (["--metric_for_best_model", "loss"], "loss",
                                                                  False),

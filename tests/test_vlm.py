@@ -1,6 +1,7 @@
 """Vision-language models through the same four scripts, on both tiny families: LLaVA (a SigLIP tower on the
 demo's Llama; 16 image tokens) and Qwen2-VL (image_grid_thw, mm_token_type_ids, 3-D mRoPE positions, a token
 count that follows the image's size). The invariants of the text path hold with the figure in the prompt."""
+import argparse
 import json
 import shutil
 
@@ -155,6 +156,53 @@ def test_a_blank_figure_changes_what_the_model_sees(family, base_models):
     assert any(a["option_scores"] != pytest.approx(b["option_scores"], abs=1e-4) for a, b in zip(real, blank))
     image = prompter.replaced(image_control="blank").image(questions[0])
     assert image.size == prompter.image(questions[0]).size and image.getextrema() == ((0, 0),) * 3
+
+
+def test_the_blank_figure_report_rows_score_blank_figures(base_models):
+    model, prompter, questions, args = base_models["llava"]
+    settings = argparse.Namespace(**{**vars(args), "image_control": "blank", "method": "score"})
+    report = inference.evaluate_all(model, prompter, questions[:4], settings)
+    blank = inference.score_options(model, prompter.replaced(image_control="blank"), questions[:4])
+    real, controlled = (report["results"][name]["records"] for name in ("base/score", "base/blank_image/score"))
+    for record, expected in zip(controlled, blank):
+        assert record["option_scores"] == pytest.approx(expected["option_scores"], abs=1e-4)
+    assert any(a["option_scores"] != pytest.approx(b["option_scores"], abs=1e-4) for a, b in zip(real, controlled))
+    assert "base/score - base/blank_image/score" in report["paired"]
+
+
+def test_max_pixels_caps_the_image_tokens_of_a_pixel_budget_processor(tmp_path, vlm_dirs, vlm_processed):
+    from PIL import Image
+
+    figure, budget = Image.new("RGB", (1000, 800), "white"), 256 * 28 * 28
+
+    def image_tokens(prompter):
+        ids = prompter.encode(prompter.render("Q?"), figure)["input_ids"]
+        return int((ids == prompter.processor.image_token_id).sum())
+
+    uncapped = image_tokens(model_kinds.Prompter.for_model(vlm_dirs["qwen2-vl"], trust_remote_code=True))
+    capped = image_tokens(model_kinds.Prompter.for_model(vlm_dirs["qwen2-vl"], trust_remote_code=True,
+                                                         max_pixels=budget))
+    assert capped * 28 * 28 <= budget < uncapped * 28 * 28  # one token per 28x28 pixels after the merge
+    # training and inference read the cap from the processed data's config
+    data = tmp_path / "data"
+    shutil.copytree(vlm_processed["qwen2-vl"], data)
+    stats = json.loads((data / "preprocessing_stats.json").read_text())
+    stats["config"]["max_pixels"] = budget
+    (data / "preprocessing_stats.json").write_text(json.dumps(stats))
+    assert image_tokens(prompter_for(data, vlm_dirs["qwen2-vl"])) == capped
+
+
+def test_the_vlm_collator_pads_labels_that_are_never_trained(vlm_processed, vlm_dirs):
+    from datasets import load_from_disk
+
+    prompter = prompter_for(vlm_processed["llava"], vlm_dirs["llava"])
+    split = load_from_disk(str(vlm_processed["llava"]))["train"]
+    rows = split.select(range(6)).select_columns(prompter.training_columns).to_list()
+    assert len({len(row["input_ids"]) for row in rows}) > 1  # rows of different lengths, so padding happens
+    batch = prompter.collator(packing=False)(rows)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        assert (batch["labels"][i, n:] == -100).all() and (batch["attention_mask"][i, n:] == 0).all()
 
 
 def test_packing_is_refused_for_a_vlm(vlm_processed, vlm_dirs):
