@@ -104,9 +104,9 @@ def parse_args(argv=None):
     if requested_engine() == "FSDP" and (args.load_in_4bit or args.load_in_8bit):
         raise UsageError("FSDP does not shard 4-bit or 8-bit weights (and bitsandbytes under FSDP2 is unsafe); "
                          "the 8B in 4-bit fits one GPU: use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml")
-    if requested_engine() == "FSDP" and args.merge:
-        raise UsageError("--merge is not supported under FSDP; train without it, then merge on one process "
-                         "(QUICKSTART_GUIDE.md, 'Merging a QLoRA adapter')")
+    if requested_engine() and args.merge:  # PEFT: merging under ZeRO-3 folds partitioned weights on rank 0
+        raise UsageError(f"--merge is not supported under {requested_engine()}; train without it, then merge on one "
+                         "process (QUICKSTART_GUIDE.md, 'Merging a QLoRA adapter')")
     if args.load_in_8bit and args.load_in_4bit:
         raise UsageError("--load_in_8bit and --load_in_4bit are exclusive; pick one (4-bit uses less memory)")
     if args.merge and (args.load_in_8bit or args.load_in_4bit):

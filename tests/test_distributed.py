@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from conftest import ROOT, launch_environment, run_probe, run_script
+from conftest import ROOT, launch_environment, run_in_process, run_probe, run_script
 
 CONFIGS = ROOT / "configs" / "accelerate"
 # one xdist worker runs this file, so its shared fixtures are built once (make test: -n auto --dist loadgroup)
@@ -119,3 +119,17 @@ def test_what_fsdp_cannot_do_is_refused_with_one_line(tmp_path, small_processed,
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and all(word in lines[0] for word in words), result.stderr
     assert not (tmp_path / "o" / "final_model").exists()
+
+
+def test_merge_under_deepspeed_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """PEFT does not support merging under DeepSpeed (under ZeRO-3 rank 0 would fold partitioned weights at the very
+    end of the run): refused at once, with the advice given for FSDP. Nothing is read, so the paths may not exist."""
+    import train_sft_example
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    result = run_in_process(train_sft_example.main, *flags(tmp_path / "none", tmp_path / "none", tmp_path / "o",
+                                                           "--merge"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "--merge is not supported under DEEPSPEED" in lines[0] and "merge on one process" in lines[0]
+    assert not (tmp_path / "o").exists()
