@@ -3,7 +3,8 @@
     python test_preprocessing.py                                    # your PMC-VQA folder and model (common.py)
     python test_preprocessing.py --data_path demo_assets/PMC-VQA --model_name_or_path demo_assets/tiny-r1-llama
     python test_preprocessing.py --data_path demo_assets/PMC-VQA-images --model_name_or_path demo_assets/tiny-llava
-    python test_preprocessing.py --data_path PMC-VQA --model_name_or_path models/qwen2.5-vl-7b @configs/qwen2.5-vl-7b/preprocess.args
+    python test_preprocessing.py --data_path PMC-VQA --model_name_or_path models/qwen2.5-vl-7b \\
+        @configs/qwen2.5-vl-7b/preprocess.args                     # a VLM, with its preprocessing recipe
 
 Runs the real preprocessing into a temporary folder, prints two examples with the trained region marked
 [[like this]], and checks what training relies on: no bos beyond the template's; prompt ids equal to the ids

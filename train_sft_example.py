@@ -105,7 +105,8 @@ def parse_args(argv=None):
     if requested_engine() == "FSDP" and (args.load_in_4bit or args.load_in_8bit):
         raise UsageError("FSDP does not shard 4-bit or 8-bit weights (and bitsandbytes under FSDP2 is unsafe); "
                          "the 8B in 4-bit fits one GPU: use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml")
-    if requested_engine() == "FSDP" and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("1", "true"):
+    fsdp_checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("1", "true")
+    if requested_engine() == "FSDP" and fsdp_checkpointing:
         # its checkpoint wrapper renames every layer; PEFT 0.21 then matches no adapter key and saves an empty adapter
         raise UsageError("fsdp_activation_checkpointing: true is not supported (PEFT saves an empty adapter from the "
                          "layers it wraps); set it to false in the accelerate config and pass --gradient_checkpointing")
