@@ -52,7 +52,8 @@ def load_processing(path, vlm, trust_remote_code=False):
             path, trust_remote_code=trust_remote_code)
     except ImportError as err:  # transformers 5.x: the Qwen-VL processors need torchvision for their video half
         raise UsageError(f"cannot load the processor of {path!r} ({str(err).splitlines()[0]}); pip install "
-                         "torchvision (QUICKSTART_GUIDE.md, 'Vision-language models')")
+                         "torchvision==0.28.0, the release for torch 2.13.0, from your torch's index "
+                         "(QUICKSTART_GUIDE.md, 'Vision-language models')")
     except (OSError, ValueError, AttributeError) as err:
         hint = "add --trust_remote_code if you trust its code" if "trust_remote_code" in str(err) else \
             "pass --model_name_or_path with a local model folder or set MODEL_PATH in common.py"

@@ -3,6 +3,8 @@
     python test_preprocessing.py                                    # your PMC-VQA folder and model (common.py)
     python test_preprocessing.py --data_path demo_assets/PMC-VQA --model_name_or_path demo_assets/tiny-r1-llama
     python test_preprocessing.py --data_path demo_assets/PMC-VQA-images --model_name_or_path demo_assets/tiny-llava
+    python test_preprocessing.py --data_path PMC-VQA --model_name_or_path models/qwen2.5-vl-7b \\
+        @configs/qwen2.5-vl-7b/preprocess.args                     # a VLM, with its preprocessing recipe
 
 Runs the real preprocessing into a temporary folder, prints two examples with the trained region marked
 [[like this]], and checks what training relies on: no bos beyond the template's; prompt ids equal to the ids
@@ -28,6 +30,9 @@ def make_parser():
     common.add_switch(parser, "include_choices", True, "check the format with the options shown")
     parser.add_argument("--image_root", default=None,
                         help="a vision-language model's figures (default: as preprocess_pmc_vqa_for_sft.py)")
+    parser.add_argument("--max_pixels", type=int, default=None,
+                        help="a Qwen-VL figure's pixel cap, as preprocess_pmc_vqa_for_sft.py takes it (its recipe "
+                             "configs/qwen2.5-vl-7b/preprocess.args sets it) (default: the processor's own)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="allow the model folder to run its own code")
     parser.add_argument("--num_rows", type=int, default=10, help="rows per split to process (default: %(default)s)")
@@ -85,7 +90,7 @@ def main(argv=None):
                  "--add_reasoning" if args.add_reasoning else "--no_add_reasoning",
                  "--include_choices" if args.include_choices else "--no_include_choices"]
         flags += ["--image_root", args.image_root] * bool(args.image_root) + ["--trust_remote_code"] * \
-            args.trust_remote_code
+            args.trust_remote_code + ["--max_pixels", str(args.max_pixels)] * bool(args.max_pixels)
         with contextlib.redirect_stdout(io.StringIO()):  # its "next:" line would point into this temporary folder
             stats = preprocess.main(flags)
         splits = load_from_disk(f"{tmp}/processed")

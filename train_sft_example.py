@@ -61,7 +61,8 @@ def make_parser():
            "row attends to another; with flash-attention 2 (--attn_implementation) each row gets its own "
            "variable-length attention. On CPU it is slower than the default dynamic padding. Text models only")
     switch("group_by_length", False, "batch rows of similar length together (less padding)")
-    switch("gradient_checkpointing", False, "trade compute for memory (non-reentrant)")
+    switch("gradient_checkpointing", False, "trade compute for memory (non-reentrant); also under FSDP, whose own "
+           "fsdp_activation_checkpointing is refused")
     switch("use_liger_kernel", False,
            "Liger's fused kernels (Trainer's own switch): the fused linear + cross-entropy never materialises the "
            "[tokens, vocab] logits, the largest memory cost of the 8B's loss. Needs a CUDA GPU and "
@@ -104,9 +105,14 @@ def parse_args(argv=None):
     if requested_engine() == "FSDP" and (args.load_in_4bit or args.load_in_8bit):
         raise UsageError("FSDP does not shard 4-bit or 8-bit weights (and bitsandbytes under FSDP2 is unsafe); "
                          "the 8B in 4-bit fits one GPU: use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml")
-    if requested_engine() == "FSDP" and args.merge:
-        raise UsageError("--merge is not supported under FSDP; train without it, then merge on one process "
-                         "(QUICKSTART_GUIDE.md, 'Merging a QLoRA adapter')")
+    fsdp_checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("1", "true")
+    if requested_engine() == "FSDP" and fsdp_checkpointing:
+        # its checkpoint wrapper renames every layer; PEFT 0.21 then matches no adapter key and saves an empty adapter
+        raise UsageError("fsdp_activation_checkpointing: true is not supported (PEFT saves an empty adapter from the "
+                         "layers it wraps); set it to false in the accelerate config and pass --gradient_checkpointing")
+    if requested_engine() and args.merge:  # PEFT: merging under ZeRO-3 folds partitioned weights on rank 0
+        raise UsageError(f"--merge is not supported under {requested_engine()}; train without it, then merge on one "
+                         "process (QUICKSTART_GUIDE.md, 'Merging a QLoRA adapter')")
     if args.load_in_8bit and args.load_in_4bit:
         raise UsageError("--load_in_8bit and --load_in_4bit are exclusive; pick one (4-bit uses less memory)")
     if args.merge and (args.load_in_8bit or args.load_in_4bit):
@@ -189,6 +195,11 @@ def setup_model(args, dtype, vlm):
                                    args.load_in_8bit, device_map, common.attn_implementation(args.attn_implementation),
                                    args.trust_remote_code)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed attention masks
+    if requested_engine() == "FSDP":
+        # accelerate's FSDP wraps each class the model lists in _no_split_modules and stops at one it cannot find;
+        # CLIP's and SigLIP's lists name their text tower's classes too, which a VLM's vision tower lacks
+        present = {type(module).__name__ for module in model.modules()}
+        model._no_split_modules = [name for name in model._no_split_modules if name in present]
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -305,10 +316,9 @@ def training_arguments(args, precision):
         **precision)
 
 
-def build_trainer(args, model, prompter, train, validation, precision, accuracy_questions=()):
+def build_trainer(args, model, prompter, train, validation, training_args, accuracy_questions=()):
     from transformers import EarlyStoppingCallback
 
-    training_args = training_arguments(args, precision)
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
     return scoring_trainer_class()(
         model=model, args=training_args, train_dataset=train, eval_dataset=validation,
@@ -479,8 +489,11 @@ def main(argv=None):
 
     set_seed(args.seed)
     dtype, precision = pick_precision(args.precision)
+    # Before the model: the training arguments start accelerate's process group, without which from_pretrained
+    # skips ZeRO-3's zero.Init and FSDP's cpu_ram_efficient_loading
+    training_args = training_arguments(args, precision)
     model = setup_model(args, dtype, prompter.reads_images)
-    trainer = build_trainer(args, model, prompter, train, validation, precision, accuracy_questions)
+    trainer = build_trainer(args, model, prompter, train, validation, training_args, accuracy_questions)
     engine = requested_engine()
     if engine and trainer.accelerator.distributed_type.value != engine:  # accelerate turns FSDP on CPU into DDP
         raise UsageError(f"{engine} was asked for, but accelerate set up {trainer.accelerator.distributed_type.value} "

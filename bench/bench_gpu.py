@@ -14,8 +14,11 @@ valid in the real vocabularies.
 output for real lengths), else from the ASSUMED prompt and completion ranges below (prompts ~120-260 tokens).
 VLM training rows: real processed rows of synthetic 1024x768 figures (the size of a typical PMC figure) with the
 recipe's --max_pixels cap, so the image-token count is what the recipe produces; image tokens are counted apart
-from text tokens. Each configuration runs --warmup_steps optimizer steps, then --steps timed ones; an
-out-of-memory or a missing package becomes a table entry. `recipe_*` rows are the recommended recipes whole
+from text tokens. Each configuration runs --warmup_steps optimizer steps, then --steps timed ones, then one timed
+evaluation (validation loss on the same rows, --eval_questions scored for accuracy): hours per epoch include the
+evaluations the family's recipe (configs/r1-8b/train.args, configs/qwen2.5-vl-7b/train.args) runs at its
+schedule, and their share of the time is a column of its own. An out-of-memory or a missing package becomes a table
+entry. `recipe_*` rows are the recommended recipes whole
 (QUICKSTART_GUIDE.md, "Hardware"), with their batch and accumulation. Writes bench/results/gpu_<shape>.json.
 """
 import json
@@ -47,6 +50,7 @@ QWEN25_VL_7B_GEOMETRY = dict(
     tie_word_embeddings=False)
 ASSUMED_PROMPT_TOKENS, ASSUMED_COMPLETION_TOKENS = (120, 260), (10, 24)
 V1_TRAIN_ROWS = 168_100  # train.csv's 176,948 rows less the ~5% of figures held out for validation
+RECIPES = {False: ROOT / "configs" / "r1-8b" / "train.args", True: ROOT / "configs" / "qwen2.5-vl-7b" / "train.args"}
 VLM_MAX_PIXELS = 512 * 28 * 28  # the Qwen2.5-VL recipe's cap (configs/qwen2.5-vl-7b/preprocess.args)
 FIGURE_SIZE = (1024, 768)
 # name: (extra training flags, batch, accumulation); batch None = --batch_size
@@ -216,7 +220,9 @@ def measure_training(name, setup, args):
     dtype, precision = train.pick_precision()
     model = train.setup_model(run_args, dtype, prompter.reads_images)
     rows = rows.select_columns(prompter.training_columns)
-    trainer = train.build_trainer(run_args, model, prompter, rows, rows, precision)
+    questions = train.load_processed_dataset(setup.processed, None, args.eval_questions, prompter.training_columns)[2]
+    trainer = train.build_trainer(run_args, model, prompter, rows, rows, train.training_arguments(run_args, precision),
+                                  questions)
     for key, value in {"max_steps": steps, "eval_strategy": "no", "save_strategy": "no",
                        "load_best_model_at_end": False, "logging_steps": steps}.items():
         setattr(trainer.args, key, value)
@@ -234,9 +240,27 @@ def measure_training(name, setup, args):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     tokens_per_second = (trainer.state.num_input_tokens_seen - clock.tokens) / (time.time() - clock.start)
+    training_hours = V1_TRAIN_ROWS * mean_tokens / tokens_per_second / 3600
+    evaluation_hours = evaluations_per_epoch_hours(trainer, run_args, len(rows), len(questions), setup.vlm)
     images = {"image_tokens_per_second": round(tokens_per_second * image_share)} if setup.vlm else {}
     return {"tokens_per_second": round(tokens_per_second), **images, "batch": f"{batch}x{accumulation}",
-            "hours_per_v1_epoch": round(V1_TRAIN_ROWS * mean_tokens / tokens_per_second / 3600, 2)}
+            "hours_per_v1_epoch": round(training_hours + evaluation_hours, 2),
+            "evaluation_share": round(evaluation_hours / (training_hours + evaluation_hours), 3)}
+
+
+def evaluations_per_epoch_hours(trainer, run_args, rows, questions, vlm):
+    """Hours an epoch spends evaluating at the recipe's schedule: every --eval_steps optimizer steps (of this row's
+    batch), --max_eval_samples rows of validation loss and --eval_accuracy_samples scored questions, each timed
+    here once on the measured rows and questions."""
+    import train_sft_example as train
+
+    recipe = train.make_parser().parse_args([f"@{RECIPES[vlm]}"])
+    metrics = trainer.evaluate()
+    seconds_per_question = metrics["eval_accuracy_seconds"] / questions
+    seconds_per_row = (metrics["eval_runtime"] - metrics["eval_accuracy_seconds"]) / rows
+    steps = V1_TRAIN_ROWS / (run_args.batch_size * run_args.grad_accum)
+    per_evaluation = recipe.max_eval_samples * seconds_per_row + recipe.eval_accuracy_samples * seconds_per_question
+    return steps // recipe.eval_steps * per_evaluation / 3600
 
 
 def measure_evaluation(name, setup, args):
@@ -278,10 +302,11 @@ def print_table(shape, device, args, rows):
     print(f"\n{shape} on {device}, single-knob rows at batch {args.batch_size}, {args.steps} timed optimizer steps "
           f"after {args.warmup_steps}")
     print(f"{'config':16}{'status':28}{'batch':>7}{'tokens/s':>10}{'image tok/s':>13}{'h/epoch v1':>12}"
-          f"{'questions/s':>13}{'peak GB':>9}")
+          f"{'eval %':>8}{'questions/s':>13}{'peak GB':>9}")
     for name, row in rows.items():
+        share = f"{row['evaluation_share']:.0%}" if "evaluation_share" in row else ""
         print(f"{name:16}{row['status']:28}{row.get('batch', ''):>7}{row.get('tokens_per_second', ''):>10}"
-              f"{row.get('image_tokens_per_second', ''):>13}{row.get('hours_per_v1_epoch', ''):>12}"
+              f"{row.get('image_tokens_per_second', ''):>13}{row.get('hours_per_v1_epoch', ''):>12}{share:>8}"
               f"{row.get('questions_per_second', ''):>13}{row.get('peak_gpu_memory_gb') or '':>9}")
 
 

@@ -56,7 +56,8 @@ def one_run(run, model_dir, processed, args):
     torch.manual_seed(0)
     model = train.setup_model(run_args, torch.float32, vlm=False)
     if run.startswith("ours"):
-        trainer = train.build_trainer(run_args, model, prompter, train_rows, validation, {"use_cpu": True})
+        trainer = train.build_trainer(run_args, model, prompter, train_rows, validation,
+                                      train.training_arguments(run_args, {"use_cpu": True}))
         for key, value in {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}.items():
             setattr(trainer.args, key, value)
     else:

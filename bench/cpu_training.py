@@ -25,7 +25,7 @@ def training_only_trainer(model_dir, processed, name, steps, batch_size, flags=(
     rows, validation, _ = train.load_processed_dataset(processed, steps * batch_size, 0, prompter.training_columns)
     dtype, precision = train.pick_precision(args.precision)
     model = train.setup_model(args, dtype, vlm=False)
-    trainer = train.build_trainer(args, model, prompter, rows, validation, precision)
+    trainer = train.build_trainer(args, model, prompter, rows, validation, train.training_arguments(args, precision))
     for key, value in {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}.items():
         setattr(trainer.args, key, value)
     return trainer, prompter

@@ -175,6 +175,33 @@ MUTATIONS = [
              "step = max(evaluations",
              ("tests/test_training.py::test_the_best_checkpoint_becomes_final_model_and_early_stopping_stops",),
              slow=True),
+    # The GPU path as it will run (issue 31)
+    Mutation("torchvision-unpinned", "QUICKSTART_GUIDE.md", "pip install torchvision==0.28.0 --index-url",
+             "pip install torchvision --index-url",
+             ("tests/test_docs.py::test_the_torchvision_pin_shown_is_the_release_for_the_pinned_torch",)),
+    Mutation("merge-under-deepspeed-allowed", TRAIN, "if requested_engine() and args.merge:",
+             'if requested_engine() == "FSDP" and args.merge:',
+             ("tests/test_distributed.py::test_merge_under_deepspeed_is_refused_before_anything_loads",)),
+    Mutation("fsdp-wraps-absent-classes", TRAIN,
+             "model._no_split_modules = [name for name in model._no_split_modules if name in present]",
+             "model._no_split_modules = list(model._no_split_modules)",
+             ("tests/test_distributed.py", "-k", "wraps_each_models_own_layers")),
+    Mutation("fsdp-yaml-names-llama", "configs/accelerate/fsdp.yaml", "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
+             "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer",
+             ("tests/test_distributed.py", "-k", "wraps_each_models_own_layers")),
+    Mutation("fsdp-activation-checkpointing-allowed", TRAIN,
+             'if requested_engine() == "FSDP" and fsdp_checkpointing:', "if False:",
+             ("tests/test_distributed.py::test_fsdps_own_activation_checkpointing_is_refused_with_one_line",)),
+    Mutation("self-check-drops-max-pixels", "test_preprocessing.py",
+             '["--max_pixels", str(args.max_pixels)] * bool(args.max_pixels)', "[]",
+             ("tests/test_vlm.py::test_the_self_check_takes_the_vlm_preprocessing_recipe",)),
+    Mutation("model-loads-before-process-group", TRAIN,
+             "training_args = training_arguments(args, precision)\n"
+             "    model = setup_model(args, dtype, prompter.reads_images)\n",
+             "model = setup_model(args, dtype, prompter.reads_images)\n"
+             "    training_args = training_arguments(args, precision)\n",
+             ("tests/test_distributed.py::test_fsdp2_on_two_cpu_processes_trains_like_ddp_saves_a_full_adapter_and_"
+              "resumes[SHARDED_STATE_DICT]",), slow=True),
 ]
 
 

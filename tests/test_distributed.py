@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from conftest import ROOT, launch_environment, run_probe, run_script
+from conftest import ROOT, launch_environment, preprocess, run_in_process, run_probe, run_script
 
 CONFIGS = ROOT / "configs" / "accelerate"
 # one xdist worker runs this file, so its shared fixtures are built once (make test: -n auto --dist loadgroup)
@@ -68,6 +68,10 @@ def test_fsdp2_on_two_cpu_processes_trains_like_ddp_saves_a_full_adapter_and_res
     out = tmp_path / "out"
     ranks = run_probe(tmp_path / "probe", flags(small_processed, model_dir, out), processes=2, env=env)
     assert all(rank["fsdp2"] and rank["distributed_type"] == "FSDP" for rank in ranks), "FSDP did not run"
+    # the process group existed when the base began to load, so transformers took FSDP's low-memory route: ranks
+    # other than 0 neither materialise nor initialise what rank 0's weights, broadcast by accelerate, replace
+    assert [rank["loading"] for rank in ranks] == [
+        {"process_group": True, "fsdp_low_memory": True, "local_rank_0": rank == 0} for rank in range(2)]
     assert_ranks_split_the_data(ranks)
     ddp_ranks, ddp_out = ddp
     assert ranks[0]["losses"] == pytest.approx(ddp_ranks[0]["losses"], abs=1e-4)
@@ -82,6 +86,71 @@ def test_fsdp2_on_two_cpu_processes_trains_like_ddp_saves_a_full_adapter_and_res
                                                     "auto"), processes=2, env=env)
     assert resumed[0]["steps"] == [1]
     assert_same_adapter(adapter(cut / "final_model"), adapter(out / "final_model"))
+
+
+@pytest.fixture(scope="module")
+def vlm_small_processed(tmp_path_factory, assets):
+    """The image-only demo set preprocessed for the tiny LLaVA (SigLIP tower, Llama text model), 64 rows a split."""
+    out = tmp_path_factory.mktemp("vlm") / "data"
+    preprocess(assets.image_data, assets.vlm, out, "--sample_size", 64)
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp2_runs_a_vlm_with_the_shipped_config_and_gradient_checkpointing(tmp_path, vlm_small_processed, assets):
+    """One fsdp.yaml for the text model and a VLM: accelerate wraps the model's own layer classes (both towers), and
+    with --gradient_checkpointing (the Trainer's: FSDP's own is refused) a full adapter is saved and equals DDP's."""
+    ddp_out, fsdp_out = tmp_path / "ddp", tmp_path / "fsdp"
+    ddp_ranks = run_probe(tmp_path / "ddp_probe", flags(vlm_small_processed, assets.vlm, ddp_out,
+                                                        "--gradient_checkpointing"), processes=2)
+    ranks = run_probe(tmp_path / "fsdp_probe", flags(vlm_small_processed, assets.vlm, fsdp_out,
+                                                     "--gradient_checkpointing"), processes=2,
+                      env={"PROBE_FSDP": "configs/accelerate/fsdp.yaml"})
+    assert all(rank["fsdp2"] and rank["distributed_type"] == "FSDP" for rank in ranks), "FSDP did not run"
+    assert all(rank["trainer_checkpointing"] and not rank["fsdp_checkpointed"] for rank in ranks + ddp_ranks)
+    assert ranks[0]["losses"] == pytest.approx(ddp_ranks[0]["losses"], abs=1e-4)
+    assert_same_adapter(adapter(fsdp_out / "final_model"), adapter(ddp_out / "final_model"))
+
+
+@pytest.mark.parametrize("model", ["model", "vlm", "qwen_vl"])
+def test_the_fsdp_config_wraps_each_models_own_layers(model, assets, monkeypatch):
+    """configs/accelerate/fsdp.yaml names no layer class: accelerate's policy takes the model's _no_split_modules,
+    kept to the classes the model has (a SigLIP or CLIP tower lists its text tower's too, and accelerate stops at a
+    missing one). A class named in the config would stop every model without it."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    import model_kinds
+    import train_sft_example as train
+
+    for key, value in launch_environment(CONFIGS / "fsdp.yaml").items():
+        monkeypatch.setenv(key, value)
+    folder = getattr(assets, model)
+    vlm = model_kinds.reads_images(folder, trust_remote_code=True)
+    peft_model = train.setup_model(train.parse_args(["--model_name_or_path", str(folder), "--trust_remote_code"]),
+                                   torch.float32, vlm)
+    policy = fsdp2_prepare_auto_wrap_policy(FullyShardedDataParallelPlugin(), peft_model)
+    wrapped = {type(module).__name__ for module in peft_model.modules() if policy(module)}
+    expected = {"model": {"LlamaDecoderLayer"}, "qwen_vl": {"Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"},
+                "vlm": {"LlamaDecoderLayer", "SiglipEncoderLayer", "SiglipVisionEmbeddings",
+                        "SiglipMultiheadAttentionPoolingHead"}}[model]
+    assert wrapped == expected
+
+
+def test_fsdps_own_activation_checkpointing_is_refused_with_one_line(tmp_path, monkeypatch):
+    """accelerate's FSDP activation checkpointing wraps each layer in a CheckpointWrapper, which renames it; PEFT 0.21
+    derives the adapter's keys from the module names and saves an empty adapter. Refused before anything loads; the
+    line names the working setting (--gradient_checkpointing, the Trainer's)."""
+    import train_sft_example
+
+    for key, value in launch_environment(CONFIGS / "fsdp.yaml").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")  # fsdp_activation_checkpointing: true in the YAML
+    result = run_in_process(train_sft_example.main, *flags(tmp_path / "none", tmp_path / "none", tmp_path / "o"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "fsdp_activation_checkpointing: true is not supported" in lines[0] and "--gradient_checkpointing" in lines[0]
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
@@ -119,3 +188,17 @@ def test_what_fsdp_cannot_do_is_refused_with_one_line(tmp_path, small_processed,
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and all(word in lines[0] for word in words), result.stderr
     assert not (tmp_path / "o" / "final_model").exists()
+
+
+def test_merge_under_deepspeed_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """PEFT does not support merging under DeepSpeed (under ZeRO-3 rank 0 would fold partitioned weights at the very
+    end of the run): refused at once, with the advice given for FSDP. Nothing is read, so the paths may not exist."""
+    import train_sft_example
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    result = run_in_process(train_sft_example.main, *flags(tmp_path / "none", tmp_path / "none", tmp_path / "o",
+                                                           "--merge"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "--merge is not supported under DEEPSPEED" in lines[0] and "merge on one process" in lines[0]
+    assert not (tmp_path / "o").exists()

@@ -98,3 +98,16 @@ def test_make_targets_shown_exist():
     for doc in DOCS:
         for target in re.findall(r"`make ([a-z-]+)`", (ROOT / doc).read_text()):
             assert target in targets, f"{doc}: make {target}"
+
+
+# torchvision's compatibility table: each release requires exactly one torch version
+TORCHVISION_FOR_TORCH = {"2.13.0": "0.28.0"}
+
+
+def test_the_torchvision_pin_shown_is_the_release_for_the_pinned_torch():
+    """An unpinned or mismatched `pip install torchvision` replaces the pinned torch on a user's GPU server."""
+    torch = re.search(r"^torch==([\d.]+)\s*$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    for name in ("QUICKSTART_GUIDE.md", "model_kinds.py"):
+        text = (ROOT / name).read_text()
+        assert set(re.findall(r"torchvision==([\d.]+)", text)) == {TORCHVISION_FOR_TORCH[torch]}, name
+        assert not re.search(r'pip install[\s"]*torchvision(?!==)', text), f"{name}: an unpinned install"

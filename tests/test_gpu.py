@@ -72,6 +72,7 @@ def test_the_gpu_benchmark_runs_its_code_on_the_tiny_shape(tmp_path):
     for name, row in table["rows"].items():
         assert row["status"] == "ok" or row["status"].startswith("not available"), (name, row)
     assert table["rows"]["lora"]["tokens_per_second"] > 0 and table["rows"]["lora"]["hours_per_v1_epoch"] > 0
+    assert 0 < table["rows"]["lora"]["evaluation_share"] < 1  # hours per epoch include the recipe's evaluations
     assert table["rows"]["score"]["questions_per_second"] > 0 and table["rows"]["vlm_score"]["questions_per_second"] > 0
     assert table["rows"]["vlm_lora"]["image_tokens_per_second"] > 0  # the tiny VLM's figures are counted apart
     assert "config" in result.stdout and "h/epoch v1" in result.stdout

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import preprocess, prompter_for, run_probe, run_script, v1_row, write_csv
+from conftest import ROOT, preprocess, prompter_for, run_in_process, run_probe, run_script, v1_row, write_csv
 
 import inference_example as inference
 import model_kinds
@@ -203,6 +203,19 @@ def test_the_vlm_collator_pads_labels_that_are_never_trained(vlm_processed, vlm_
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         assert (batch["labels"][i, n:] == -100).all() and (batch["attention_mask"][i, n:] == 0).all()
+
+
+def test_the_self_check_takes_the_vlm_preprocessing_recipe(assets, monkeypatch):
+    """test_preprocessing.py accepts the flags of preprocessing's VLM recipe (--max_pixels) and checks rows made with
+    them: the recipe runs as QUICKSTART_GUIDE.md shows it, and a smaller cap prints fewer image tokens."""
+    monkeypatch.chdir(ROOT)  # the recipe path is relative to the repository root, as in the guide
+    image_tokens = {}
+    for cap in ("@configs/qwen2.5-vl-7b/preprocess.args", "--max_pixels=784"):  # 784 = one 28 x 28 image token
+        result = run_in_process(test_preprocessing.main, "--data_path", assets.image_data, "--model_name_or_path",
+                                assets.qwen_vl, "--trust_remote_code", "--num_rows", 1, cap)
+        assert result.returncode == 0 and "every invariant holds" in result.stdout, result.stderr
+        image_tokens[cap] = result.stdout.count("<|image_pad|>")
+    assert image_tokens == {"@configs/qwen2.5-vl-7b/preprocess.args": 4, "--max_pixels=784": 1}  # 1 example printed
 
 
 def test_packing_is_refused_for_a_vlm(vlm_processed, vlm_dirs):

@@ -15,8 +15,9 @@ Environment (test-only knobs; the train script has none of them):
                                               checkpoint is best
 
 Writes OUT_DIR/rank<R>.json: the rows each training step saw, the global step each training step began at, the
-sum of every LoRA weight at the end, the wrapper type, whether it is an FSDP2 module, and whether main() ended
-training (the process group's teardown, run here after the weights are gathered).
+sum of every LoRA weight at the end, the wrapper type, whether it is an FSDP2 module, whether main() ended
+training (the process group's teardown, run here after the weights are gathered), what transformers' loading
+conditions were when the base model began to load, and which activation checkpointing ran (FSDP's or Trainer's).
 """
 import json
 import os
@@ -68,6 +69,25 @@ def recording_step(self, model, inputs, *args, **kwargs):
 
 
 transformers.Trainer.training_step = recording_step
+import model_kinds  # noqa: E402
+
+loading, original_load = {}, model_kinds.load_model
+
+
+def recording_load(*args, **kwargs):
+    """What transformers' from_pretrained sees when it starts: its own conditions for FSDP's low-memory loading
+    (a process group, ACCELERATE_USE_FSDP and FSDP_CPU_RAM_EFFICIENT_LOADING; then ranks other than local 0 skip
+    materialising and initialising weights that rank 0 broadcasts)."""
+    import torch.distributed
+    from transformers.distributed.fsdp import is_fsdp_enabled
+    from transformers.distributed.utils import is_local_dist_rank_0
+
+    loading.update(process_group=torch.distributed.is_initialized(), fsdp_low_memory=is_fsdp_enabled(),
+                   local_rank_0=is_local_dist_rank_0())
+    return original_load(*args, **kwargs)
+
+
+model_kinds.load_model = recording_load
 # main() ends training (destroying the process group); the weights are gathered below, a collective: defer it
 from accelerate import Accelerator  # noqa: E402
 
@@ -100,6 +120,10 @@ rank = int(os.environ.get("RANK", 0))
     "fsdp2": isinstance(trainer.model_wrapped, FSDPModule),
     "distributed_type": trainer.accelerator.distributed_type.value,
     "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-    "ended_training": len(ended)}))
+    "ended_training": len(ended), "loading": loading,
+    # FSDP's activation checkpointing wraps layers in CheckpointWrapper; the Trainer's is a flag of the model
+    "fsdp_checkpointed": sorted({type(module._checkpoint_wrapped_module).__name__ for module in
+                                 trainer.model_wrapped.modules() if hasattr(module, "_checkpoint_wrapped_module")}),
+    "trainer_checkpointing": trainer.args.activation_checkpointing}))
 for accelerator in ended:
     end_training(accelerator)
