@@ -260,11 +260,13 @@ class RunGuard:
         class GuardCallback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 if guard.agreed(args.device):
-                    # save this step now; an evaluation due at it would only delay the save past the kill
-                    control.should_save, control.should_training_stop, control.should_evaluate = True, True, False
+                    # An evaluation due at this step still runs first: skipping it would change the RNG state the
+                    # checkpoint saves (a dataloader draws a seed) and the best-checkpoint choice, so the resumed
+                    # run would not end where an uninterrupted one ends. --signal's lead time must cover it.
+                    control.should_save, control.should_training_stop = True, True
 
             def on_prediction_step(self, args, state, control, **kwargs):
-                if guard.agreed(args.device):
+                if guard.stop is None and guard.agreed(args.device):  # a signal that came during the evaluation
                     raise EvaluationAbandoned()
 
             def on_save(self, args, state, control, **kwargs):
