@@ -103,3 +103,21 @@ def test_make_targets_shown_exist():
     for doc in DOCS:
         for target in re.findall(r"`make ([a-z-]+)`", (ROOT / doc).read_text()):
             assert target in targets, f"{doc}: make {target}"
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "configs" / "slurm").glob("*.sbatch")), ids=lambda path: path.name)
+def test_the_slurm_example_is_valid_bash_and_its_training_line_parses(script, monkeypatch):
+    """bash -n, the flags of its train_sft_example.py line through the script's parser, and the settings that
+    make a time limit end in a checkpoint and a requeue rather than a kill."""
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    monkeypatch.chdir(ROOT)
+    line = re.search(r"^srun torchrun(.*?)&$", text.replace("\\\n", " "), re.M | re.S).group(1)
+    words = shlex.split(line)
+    args = words[words.index("train_sft_example.py") + 1:]
+    parsed = __import__("train_sft_example").make_parser().parse_args(args)
+    assert parsed.resume_from_checkpoint == "auto"
+    for setting in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                    "--shutdown-timeout", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=", "SRUN_CPUS_PER_TASK",
+                    "trap forward USR1", "--machine_rank", "NCCL_SOCKET_IFNAME"):
+        assert setting in text, setting
