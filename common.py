@@ -259,11 +259,18 @@ def make_output_folder(folder, flag):
 
 
 def write_text_atomic(path, text):
-    """Written to a temporary name and renamed: a reader never sees half a file."""
+    """Written to a temporary name and renamed: a reader never sees half a file. The name is the writer's own
+    (pid and a random part), so two writers never rename each other's half-written file; "x" keeps the umask's
+    mode (mkstemp would give 0600). A failed write (a full disk) leaves no temporary file behind."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path, data):

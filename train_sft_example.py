@@ -10,6 +10,9 @@
 
 Writes <output_dir>/checkpoint-*/, final_model/ (LoRA adapter + tokenizer + README), eval_results.json,
 training_summary.json and loss_curve.png. final_model/ and the JSON files appear only once complete.
+A cluster's faults end a run cleanly (run_guard.py): SIGTERM/SIGUSR1 saves a checkpoint at the next step and
+exits 128 + the signal (run_status.json says why; a SLURM job requeues itself), a full disk exits 3, a
+non-finite gradient norm exits 4, and a second run into a folder that run.lock shows in use exits 2.
 Loss is computed on the completion only (the labels preprocessing wrote). At every evaluation a fixed
 validation subset is also answered with inference_example.py's option scorer (eval_accuracy): validation
 loss is mostly the fixed answer format, so the best checkpoint, saved as final_model/, is picked by accuracy.
@@ -17,7 +20,6 @@ loss is mostly the fixed answer format, so the best checkpoint, saved as final_m
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from types import SimpleNamespace
 
 import common
 import model_kinds
+import run_guard
 from common import UsageError
 
 
@@ -248,6 +251,17 @@ def scoring_trainer_class():
             if self.args.should_save:
                 self._save(output_dir or self.args.output_dir, state_dict=adapter)
 
+        def _get_grad_norm(self, model, grad_norm=None):
+            # The global norm, the same on every rank, before the optimizer steps: a NaN stops all ranks alike
+            return run_guard.check_finite(super()._get_grad_norm(model, grad_norm), self.state.global_step + 1)
+
+        def evaluate(self, *args, **kwargs):
+            try:
+                return super().evaluate(*args, **kwargs)
+            except run_guard.EvaluationAbandoned:  # a stop signal: this step's checkpoint is saved next, unscored
+                return {f"eval_{self.args.metric_for_best_model}": -math.inf if self.args.greater_is_better
+                        else math.inf}  # never the best
+
         def evaluation_loop(self, *args, **kwargs):
             output = super().evaluation_loop(*args, **kwargs)
             if self.accuracy_questions:
@@ -327,15 +341,17 @@ def build_trainer(args, model, prompter, train, validation, training_args, accur
 
 
 def resolve_checkpoint(resume, output_dir):
-    """None, a given checkpoint, or with 'auto' the newest one whose save finished (trainer_state.json last)."""
+    """None, a given checkpoint, or with 'auto' the newest complete one: its trainer_state.json (written last) is
+    whole and its adapter loads with finite weights (run_guard.checkpoint_fault)."""
     if resume is None:
         return None
     if resume != "auto":
-        if not (Path(resume) / "trainer_state.json").exists():
-            raise UsageError(f"--resume_from_checkpoint {resume} is not a complete checkpoint folder; "
+        fault = run_guard.checkpoint_fault(resume)
+        if fault:
+            raise UsageError(f"--resume_from_checkpoint {resume} is not a complete checkpoint folder: {fault}; "
                              f"use 'auto' or one of {output_dir}/checkpoint-*")
         return resume
-    complete = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    complete = run_guard.complete_checkpoints(output_dir)
     if not complete:
         print(f"no complete checkpoint in {output_dir}: starting fresh")
         return None
@@ -389,6 +405,7 @@ def save_final_model(trainer, prompter, args, metrics):
     if not trainer.is_world_process_zero():
         return
     check_adapter(tmp)
+    run_guard.match_umask(tmp)
     (prompter.processor or prompter.tokenizer).save_pretrained(tmp)
     flags = " ".join(sys.argv[1:]) or "(defaults)"
     (tmp / "README.md").write_text(
@@ -398,14 +415,13 @@ def save_final_model(trainer, prompter, args, metrics):
         f"Use: python inference_example.py --model_name_or_path {args.model_name_or_path} --adapter_path {final} "
         f"--data_path {args.data_path}\n(the processed data tells inference how training asked: options shown or "
         "not, reasoning, figures)\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    run_guard.replace_folder(tmp, final)
     if args.merge:
         merged, tmp = Path(args.output_dir) / "merged_model", Path(args.output_dir) / "merged_model.incomplete"
         trainer.model.merge_and_unload().save_pretrained(tmp)
+        run_guard.match_umask(tmp)
         (prompter.processor or prompter.tokenizer).save_pretrained(tmp)
-        shutil.rmtree(merged, ignore_errors=True)
-        os.replace(tmp, merged)
+        run_guard.replace_folder(tmp, merged)
 
 
 def print_plan(trainer, model, dtype, train_rows, validation_rows, checkpoint):
@@ -484,6 +500,7 @@ def main(argv=None):
     train, validation, accuracy_questions = load_processed_dataset(args.data_path, args.max_samples,
                                                                    args.eval_accuracy_samples,
                                                                    prompter.training_columns, args.max_eval_samples)
+    guard = run_guard.RunGuard(args.output_dir)  # one run per folder; stop signals; torn checkpoints set aside
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     from transformers import set_seed
 
@@ -494,6 +511,7 @@ def main(argv=None):
     training_args = training_arguments(args, precision)
     model = setup_model(args, dtype, prompter.reads_images)
     trainer = build_trainer(args, model, prompter, train, validation, training_args, accuracy_questions)
+    trainer.add_callback(guard.callback(trainer))
     engine = requested_engine()
     if engine and trainer.accelerator.distributed_type.value != engine:  # accelerate turns FSDP on CPU into DDP
         raise UsageError(f"{engine} was asked for, but accelerate set up {trainer.accelerator.distributed_type.value} "
@@ -503,14 +521,16 @@ def main(argv=None):
         print_plan(trainer, model, dtype, len(train), len(validation), checkpoint)
 
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = final_metrics(trainer, result, time.time() - start, dtype)
-    save_final_model(trainer, prompter, args, metrics)
-    if trainer.is_world_process_zero():
-        write_reports(trainer, args, metrics)
+    with guard.watch(trainer):  # exit 128 + a stop signal, 3 for a full disk, 4 for a non-finite gradient norm
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = final_metrics(trainer, result, time.time() - start, dtype)
+        save_final_model(trainer, prompter, args, metrics)
+        if trainer.is_world_process_zero():
+            write_reports(trainer, args, metrics)
     # Under torchrun a process group left to interpreter exit can abort a rank whose work is done ("terminate
     # called without an active exception", exit -6), and the launcher reports the whole run as failed.
     trainer.accelerator.end_training()
+    guard.release()
     return trainer
 
 

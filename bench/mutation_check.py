@@ -202,6 +202,28 @@ MUTATIONS = [
              "    training_args = training_arguments(args, precision)\n",
              ("tests/test_distributed.py::test_fsdp2_on_two_cpu_processes_trains_like_ddp_saves_a_full_adapter_and_"
               "resumes[SHARDED_STATE_DICT]",), slow=True),
+    # Faults a cluster job meets (run_guard.py)
+    Mutation("stop-signal-ignored", "run_guard.py", "self.received = self.received or number", "pass",
+             ("tests/test_faults.py::test_a_stop_signal_saves_that_step_requeues_and_the_resumed_run_ends_on_the_"
+              "same_adapter",)),
+    Mutation("adapter-mode-0600", "run_guard.py", "os.chmod(path, 0o666 & ~mask)", "pass",
+             ("tests/test_faults.py::test_a_stop_signal_saves_that_step_requeues_and_the_resumed_run_ends_on_the_"
+              "same_adapter",)),
+    Mutation("non-finite-grad-norm-steps", "run_guard.py", "if not math.isfinite(value):", "if False:",
+             ("tests/test_faults.py::test_a_nan_loss_stops_before_the_optimizer_step_with_status_4",)),
+    Mutation("torn-checkpoint-left", "run_guard.py", "if checkpoint.exists() and checkpoint_fault(checkpoint):",
+             "if False:", ("tests/test_faults.py::test_a_full_disk_ends_in_one_line_with_status_3_and_loses_nothing_"
+                           "complete[safetensors]",)),
+    Mutation("non-finite-checkpoint-resumed", "run_guard.py",
+             "if not all(torch.isfinite(tensor).all() for tensor in weights.values()):", "if False:",
+             ("tests/test_faults.py::test_torn_checkpoints_are_set_aside_and_never_chosen_and_a_non_finite_one_is_"
+              "refused",)),
+    Mutation("folder-not-locked", "run_guard.py", "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass",
+             ("tests/test_faults.py::test_a_second_run_into_a_held_folder_exits_2_naming_the_holder",)),
+    Mutation("shared-temporary-name", "common.py",
+             'tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")',
+             'tmp = path.with_name(path.name + ".tmp")',
+             ("tests/test_faults.py::test_two_writers_of_one_file_never_collide",)),
 ]
 
 

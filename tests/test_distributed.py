@@ -4,9 +4,12 @@ and the combinations that are refused with one line."""
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
-from conftest import ROOT, launch_environment, preprocess, run_in_process, run_probe, run_script
+from conftest import ROOT, free_port, launch_environment, preprocess, run_in_process, run_probe, run_script
 
 CONFIGS = ROOT / "configs" / "accelerate"
 # one xdist worker runs this file, so its shared fixtures are built once (make test: -n auto --dist loadgroup)
@@ -151,6 +154,34 @@ def test_fsdps_own_activation_checkpointing_is_refused_with_one_line(tmp_path, m
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "fsdp_activation_checkpointing: true is not supported" in lines[0] and "--gradient_checkpointing" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["1", "launcher"], ids=["one-rank", "torchrun"])
+def test_sigterm_on_two_processes_stops_every_rank_at_one_checkpoint_and_resumes_to_the_same_adapter(
+        tmp_path, ddp, small_processed, model_dir, target):
+    """SIGTERM during step 1, to rank 1 alone (no hang: the ranks agree at the step's end) or to torchrun, which
+    passes it to both ranks as a SLURM time limit does."""
+    out = tmp_path / "out"
+    (tmp_path / "probe").mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(ROOT / "tests" / "train_probe.py"), str(tmp_path / "probe"),
+               *map(str, flags(small_processed, model_dir, out))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "PROBE_SIGNAL_AT": f"1:{target}",
+                                 "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"})
+    assert "stopped by SIGTERM at step 1" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    if target == "1":  # torchrun reports each rank's status (with the signal to itself, it reports that signal)
+        assert f"exitcode  : {128 + signal.SIGTERM}" in result.stderr
+    status = json.loads((out / "run_status.json").read_text())
+    assert (status["stopped_by"], status["step"]) == ("SIGTERM", 1)
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"] and adapter(out / "checkpoint-1")
+    assert not (out / "final_model").exists() and not (out / "eval_results.json").exists()
+    if target == "1":
+        resumed = run_probe(tmp_path / "resumed", flags(small_processed, model_dir, out, "--resume_from_checkpoint",
+                                                        "auto"), processes=2)
+        assert resumed[0]["steps"] == [1]
+        assert_same_adapter(adapter(out / "final_model"), adapter(ddp[1] / "final_model"))
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)

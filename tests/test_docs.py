@@ -3,6 +3,7 @@ name exists, and every make target they show is defined. The repository
 stands on its own: no file, document or code comment, names a repository file that it does not contain."""
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,21 @@ def test_the_torchvision_pin_shown_is_the_release_for_the_pinned_torch():
         text = (ROOT / name).read_text()
         assert set(re.findall(r"torchvision==([\d.]+)", text)) == {TORCHVISION_FOR_TORCH[torch]}, name
         assert not re.search(r'pip install[\s"]*torchvision(?!==)', text), f"{name}: an unpinned install"
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "configs" / "slurm").glob("*.sbatch")), ids=lambda path: path.name)
+def test_the_slurm_example_is_valid_bash_and_its_training_line_parses(script, monkeypatch):
+    """bash -n, the flags of its train_sft_example.py line through the script's parser, and the settings that
+    make a time limit end in a checkpoint and a requeue rather than a kill."""
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    monkeypatch.chdir(ROOT)
+    line = re.search(r"^srun torchrun(.*?)&$", text.replace("\\\n", " "), re.M | re.S).group(1)
+    words = shlex.split(line)
+    args = words[words.index("train_sft_example.py") + 1:]
+    parsed = __import__("train_sft_example").make_parser().parse_args(args)
+    assert parsed.resume_from_checkpoint == "auto"
+    for setting in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                    "--shutdown-timeout", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=", "SRUN_CPUS_PER_TASK",
+                    "trap forward USR1", "--machine_rank", "NCCL_SOCKET_IFNAME"):
+        assert setting in text, setting

@@ -156,11 +156,15 @@ def test_resume_after_a_kill_starts_at_the_checkpoint_and_ends_where_an_uninterr
 
 
 def test_resume_picks_the_newest_complete_checkpoint_or_the_one_named(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     for step, complete in ((4, True), (12, True), (8, True), (16, False)):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
+        save_file({"lora_A": torch.ones(2)}, folder / "adapter_model.safetensors")
         if complete:
-            (folder / "trainer_state.json").write_text("{}")
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     assert train.resolve_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-12")
     assert train.resolve_checkpoint(str(tmp_path / "checkpoint-4"), tmp_path) == str(tmp_path / "checkpoint-4")
     assert train.resolve_checkpoint(None, tmp_path) is None

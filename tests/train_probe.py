@@ -13,6 +13,8 @@ Environment (test-only knobs; the train script has none of them):
     PROBE_ACCURACY=0.5,0.9,0.6                the validation accuracies the run sees, in order (the scorer still
                                               runs; its result is replaced), so a test can decide which
                                               checkpoint is best
+    PROBE_SIGNAL_AT=3:1                       SIGTERM during training step 3, to rank 1 only; 3:launcher sends it
+                                              to torchrun, which passes it to every rank (a SLURM time limit)
 
 Writes OUT_DIR/rank<R>.json: the rows each training step saw, the global step each training step began at, the
 sum of every LoRA weight at the end, the wrapper type, whether it is an FSDP2 module, whether main() ended
@@ -21,6 +23,7 @@ conditions were when the base model began to load, and which activation checkpoi
 """
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -61,8 +64,14 @@ seen, steps = [], []
 original_step = transformers.Trainer.training_step
 
 
+signal_step, _, signal_target = os.environ.get("PROBE_SIGNAL_AT", "0:").partition(":")
+
+
 def recording_step(self, model, inputs, *args, **kwargs):
     steps.append(self.state.global_step)
+    sender = "0" if signal_target == "launcher" else signal_target  # one rank sends it, once
+    if self.state.global_step == int(signal_step) - 1 and os.environ.get("RANK", "0") == sender:
+        os.kill(os.getppid() if signal_target == "launcher" else os.getpid(), signal.SIGTERM)
     for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()):
         seen.append([t for t, m in zip(ids, mask) if m])
     return original_step(self, model, inputs, *args, **kwargs)
@@ -103,7 +112,12 @@ if os.environ.get("PROBE_ACCURACY"):
     inference_example.evaluate = scripted_evaluate
 
 out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
-trainer = train_sft_example.main(argv)
+try:
+    trainer = train_sft_example.main(argv)
+except SystemExit:  # a fault ended the run (run_guard): tear the process group down as main() would have
+    for accelerator in ended:
+        end_training(accelerator)
+    raise
 
 
 def full(parameter):  # a sharded (DTensor) parameter, gathered: a collective, so every rank calls it
