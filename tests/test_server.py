@@ -176,38 +176,41 @@ def test_a_prompt_the_server_counts_differently_stops_the_run(server, merged, sm
 
 @pytest.mark.slow
 def test_traces_and_evaluation_resume_after_the_server_is_killed(tmp_path, merged, small_processed):
-    port = free_port()
+    """Both runs against one server, killed once both have written a few records; both rerun against a new one."""
+    port, n = free_port(), 24
     common_flags = ["--model_name_or_path", merged, "--no_adapter", "--data_path", small_processed,
-                    "--num_samples", 48, "--max_new_tokens", 24, "--concurrency", 2, "--retries", 1]
+                    "--num_samples", n, "--max_new_tokens", 24, "--concurrency", 2, "--retries", 0]
     runs = {"traces": ["--generate_traces", "--split", "train", "--num_return_sequences", 2, "--temperature", 0.6,
                        "--output_file", tmp_path / "traces.jsonl"],
             "evaluation": ["--evaluate", "--method", "generate", "--output_file", tmp_path / "eval.json"]}
     watched = {"traces": tmp_path / "traces.jsonl", "evaluation": tmp_path / "eval.partial.jsonl"}
-    for name, extra in runs.items():
-        with serving(merged, port) as (url, process):
-            run = subprocess.Popen([sys.executable, "inference_example.py", *map(str, common_flags + extra),
-                                    "--server", url], cwd=inference.__file__.rsplit("/", 1)[0],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            deadline = time.time() + 120
-            while not (watched[name].exists() and len(watched[name].read_text().splitlines()) >= 6):
-                assert time.time() < deadline and run.poll() is None, run.communicate()
-                time.sleep(0.05)
-            stop(process)  # mid-run: the questions in flight and the rest fail after their retries
-            out, err = run.communicate(timeout=300)
-        first = watched[name].read_text().splitlines()
-        assert run.returncode == 1 and "got no answer" in err.strip().splitlines()[-1], err[-2000:]
-        with serving(merged, port) as (url, _):
-            second = run_script("inference_example.py", *common_flags, *extra, "--server", url)
-        assert second.returncode == 0, second.stderr[-3000:]
-        if name == "traces":
-            lines = [json.loads(line) for line in watched[name].read_text().splitlines()]
-            asked = 48 - len(first) // 2
-            assert 0 < asked < 48 and f"generating for {asked}" in second.stdout
-            assert len(lines) == 96 and len({(t["id"], t["sample"]) for t in lines}) == 96
-            assert [json.loads(line) for line in first] == lines[:len(first)]  # kept as they were
-        else:
-            report = json.loads((tmp_path / "eval.json").read_text())["results"]["base/generate"]
-            journal = [json.loads(line)["record"] for line in first[1:]]
-            assert 0 < len(journal) < 48 and "resuming from" in second.stdout
-            ids = [r["id"] for r in report["records"]]
-            assert len(ids) == len(set(ids)) == 48 and all(r in report["records"] for r in journal)
+    with serving(merged, port) as (url, process):
+        started = {name: subprocess.Popen([sys.executable, "inference_example.py", *map(str, common_flags + extra),
+                                           "--server", url], cwd=inference.__file__.rsplit("/", 1)[0],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for name, extra in runs.items()}
+        deadline = time.time() + 120
+        while not all(path.exists() and len(path.read_text().splitlines()) >= 4 for path in watched.values()):
+            assert time.time() < deadline and all(run.poll() is None for run in started.values())
+            time.sleep(0.02)
+        stop(process)  # mid-run: the questions in flight and the rest fail
+        for run in started.values():
+            _, err = run.communicate(timeout=300)
+            assert run.returncode == 1 and "got no answer" in err.strip().splitlines()[-1], err[-2000:]
+    first = {name: path.read_text().splitlines() for name, path in watched.items()}
+    with serving(merged, port) as (url, _):
+        second = {name: run_script("inference_example.py", *common_flags, *extra, "--server", url)
+                  for name, extra in runs.items()}
+    assert all(result.returncode == 0 for result in second.values()), second
+
+    traces = [json.loads(line) for line in watched["traces"].read_text().splitlines()]
+    asked = n - len(first["traces"]) // 2
+    assert 0 < asked < n and f"generating for {asked}" in second["traces"].stdout  # only the missing ones
+    assert len(traces) == 2 * n and len({(t["id"], t["sample"]) for t in traces}) == 2 * n
+    assert [json.loads(line) for line in first["traces"]] == traces[:len(first["traces"])]  # kept as they were
+
+    report = json.loads((tmp_path / "eval.json").read_text())["results"]["base/generate"]
+    journal = [json.loads(line)["record"] for line in first["evaluation"][1:]]
+    assert 0 < len(journal) < n and f"base/generate {len(journal)} questions" in second["evaluation"].stdout
+    ids = [r["id"] for r in report["records"]]
+    assert len(ids) == len(set(ids)) == n and all(r in report["records"] for r in journal)
