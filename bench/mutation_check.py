@@ -175,6 +175,15 @@ MUTATIONS = [
              "step = max(evaluations",
              ("tests/test_training.py::test_the_best_checkpoint_becomes_final_model_and_early_stopping_stops",),
              slow=True),
+    # Generation through a server (generation.py) and the evaluation journal (journal.py)
+    Mutation("server-prompt-keeps-bos", "generation.py", "text = text.removeprefix(tokenizer.bos_token)", "pass",
+             ("tests/test_server.py::test_greedy_through_the_server_equals_in_process_and_the_adapter_is_applied",)),
+    Mutation("server-prompt-count-unchecked", "generation.py", "if response.usage.prompt_tokens != expected:",
+             "if False:", ("tests/test_server.py::test_a_prompt_the_server_counts_differently_stops_the_run",)),
+    Mutation("server-budget-unsent", "generation.py", '"max_tokens": args.max_new_tokens,', "",
+             ("tests/test_server.py", "-k", "budget_below")),
+    Mutation("journal-ignores-arguments", "journal.py", "if entries and entries[0] != head:", "if False:",
+             ("tests/test_journal.py", "-k", "not slow and cut_line")),
 ]
 
 
