@@ -35,6 +35,11 @@ class UsageError(Exception):
     """Bad input a user can fix: main() prints its message on one line and exits with status 2."""
 
 
+class Unfinished(Exception):
+    """A run that did what it could and left some items undone (a server that kept failing some questions):
+    one line saying what to rerun, exit status 1."""
+
+
 def make_parser(description):
     """An argparse parser for one of the scripts: the module docstring as help, and '@file' arguments.
 
@@ -97,7 +102,8 @@ def attn_implementation(choice):
 
 
 def run_main(main):
-    """Run a script's main(); turn UsageError into one line on stderr and exit status 2 (no traceback)."""
+    """Run a script's main(); turn UsageError into one line on stderr and exit status 2 (no traceback), and
+    Unfinished into one line and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_console()
     try:
@@ -105,6 +111,9 @@ def run_main(main):
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Unfinished as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

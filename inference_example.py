@@ -9,6 +9,7 @@
     python inference_example.py --report vlm=a/evaluation_results.json text_only=b/evaluation_results.json
     python inference_example.py --generate_traces --no_adapter --split train --num_return_sequences 4 \\
         --temperature 0.6 --max_new_tokens 1024 --output_file traces.jsonl   # reasoning to fine-tune on
+    python inference_example.py --evaluate --method generate --server http://127.0.0.1:8000 --max_new_tokens 2048
 
 Evaluation methods (same records, same report):
   score     ranks the options by the model's log-probability of each full answer after the training prompt;
@@ -25,6 +26,8 @@ and the report pairs the two: what the model gets from the image.
 The report (accuracy with a 95% Wilson interval, failures, confusion, chance and majority-letter baselines,
 a collapse warning, questions/s, paired base-vs-fine-tuned statistics with --compare_base, and every
 question's record) goes to evaluation_results.json beside the adapter.
+--server URL hands generation to a serving engine (vLLM, SGLang, `transformers serve`) that already serves the
+model: generation.py says how, QUICKSTART_GUIDE.md ("Evaluation at scale") how to start one.
 """
 import argparse
 import contextlib
@@ -37,6 +40,8 @@ from collections import Counter
 from pathlib import Path
 
 import common
+import generation
+import journal
 import model_kinds
 from common import LETTERS, UsageError
 
@@ -102,6 +107,23 @@ def make_parser():
     common.add_attn_implementation(parser)
     common.add_precision(parser)
     arg("--trust_remote_code", action="store_true", help="allow the model folder to run its own code")
+    server = parser.add_argument_group("generation through a server (generation.py)")
+    server.add_argument("--server", metavar="URL",
+                        help="an OpenAI-compatible server (vLLM, SGLang, transformers serve) that generates instead of "
+                             "this process; --model_name_or_path and --adapter_path then give only the tokenizer, "
+                             "the prompt format and the report's names (default: none, in-process)")
+    server.add_argument("--served_model", metavar="NAME",
+                        help="the model name to ask for, e.g. a vLLM LoRA module (default: the one model the "
+                             "server lists)")
+    server.add_argument("--server_prompt", choices=["auto", "ids", "text"], default="auto",
+                        help="send the kit's prompt as token ids (vLLM, SGLang) or as text without its BOS "
+                             "(transformers serve); auto reads /v1/models' owned_by (default: %(default)s)")
+    server.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: %(default)s)")
+    server.add_argument("--request_timeout", type=float, default=600.0,
+                        help="seconds one request may take (default: %(default)s)")
+    server.add_argument("--retries", type=int, default=4,
+                        help="tries again after a connection error, timeout, 429 or 5xx, waiting 1, 2, 4 ... "
+                             "seconds (default: %(default)s)")
     return parser
 
 
@@ -124,9 +146,24 @@ def parse_args(argv=None):
         raise UsageError("--image_control goes with --evaluate")
     if args.image and not Path(args.image).is_file():
         raise UsageError(f"--image {args.image} is not a file")
+    if args.server:
+        refuse_through_a_server(args)
     if args.output_file and (args.evaluate or args.generate_traces):
         common.make_output_folder(Path(args.output_file).parent, "--output_file")
     return args
+
+
+def refuse_through_a_server(args):
+    """What a server cannot do, refused before any request."""
+    if args.evaluate and args.method != "generate":
+        raise UsageError(f"--method {args.method} through --server: score and letter read log-probabilities "
+                         "in-process with a shared prompt cache (servers re-read the prompt per option, or return "
+                         "none); add --method generate, or drop --server")
+    if args.compare_base:
+        raise UsageError("--compare_base through --server: evaluate the base in a run of its own "
+                         "(--served_model BASE --no_adapter), then --report both files")
+    if args.concurrency < 1 or args.retries < 0 or args.request_timeout <= 0:
+        raise UsageError("--concurrency must be at least 1, --retries at least 0, --request_timeout above 0")
 
 
 def parse_choices(choices):
@@ -158,6 +195,8 @@ def load_model(args):
     else:
         prompter = model_kinds.Prompter.for_model(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     refuse_before_loading(args, prompter)
+    if args.server:  # no weights here: the server answers
+        return generation.Server.connect(args, prompter), prompter
     model = model_kinds.load_model(args.model_name_or_path, prompter.reads_images,
                                    common.pick_dtype(args.precision), args.load_in_4bit, args.load_in_8bit,
                                    "auto" if torch.cuda.is_available() else None,
@@ -288,49 +327,41 @@ def score_letters(model, prompter, batch):
     return [ranked(dict(zip(LETTERS, row[:len(question["options"])]))) for question, row in zip(batch, logprobs)]
 
 
-def generated_length(ids, eos):
-    """Tokens a sample used, its eos included (what follows is padding)."""
-    return ids.index(eos) + 1 if eos in ids else len(ids)
-
-
 def majority_vote(letters):
     """The most frequent parsed letter (ties: the one seen first), or None when no sample was readable."""
     votes = Counter(letter for letter in letters if letter)
     return votes.most_common(1)[0][0] if votes else None
 
 
+def parsed_answer(prompt_format, question, samples):
+    """A question's generated samples read: each 'answered', 'unparsed' (text after the think block that names
+    no option) or 'no_answer_within_budget' (a think block the model never closed within --max_new_tokens);
+    the prediction is their majority vote over parsed letters (ties: the answer seen first)."""
+    for sample in samples:
+        answer = prompt_format.answer_part(sample["text"])
+        letter = None if answer is None else common.parse_answer_letter(answer, question["options"])
+        sample.update(predicted=letter,
+                      status="no_answer_within_budget" if answer is None else "answered" if letter else "unparsed")
+    return {"predicted": majority_vote(s["predicted"] for s in samples),
+            "samples": [{key: s[key] for key in ("text", "predicted", "status", "tokens", "finished")}
+                        for s in samples]}
+
+
+def answers(model, prompter, questions, method, args, streamer=None):
+    """Yield (position in questions, its answer), in any order; a generated answer is None where a server
+    left the question unanswered."""
+    if method == "generate":  # --num_return_sequences samples a question, in-process or through --server
+        for position, samples in generation.engine(model).samples(prompter, questions, args, streamer):
+            yield position, samples and parsed_answer(prompter.format, questions[position], samples)
+        return
+    for i in range(0, len(questions), args.batch_size):
+        yield from enumerate(METHODS[method](model, prompter, questions[i:i + args.batch_size]), start=i)
+
+
 def generate_answers(model, prompter, batch, args, streamer=None):
-    """Batched generation from left-padded prompts, --num_return_sequences samples per question.
-
-    Each sample is 'answered', 'unparsed' (text after the think block that names no option) or
-    'no_answer_within_budget' (a think block the model never closed within --max_new_tokens). With several
-    samples the prediction is their majority vote over parsed letters (ties: the answer seen first).
-    """
-    import torch
-
-    tokenizer, prompt_format = prompter.tokenizer, prompter.format
-    inputs = prompter.batch([prompter.question_inputs(q) for q in batch], side="left", device=model.device)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    k = args.num_return_sequences
-    with torch.no_grad():  # generate() derives positions (a VLM's too) from the attention mask
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, streamer=streamer, num_return_sequences=k,
-                             **sampling)
-    new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    outputs = []
-    for i, question in enumerate(batch):
-        samples = []
-        for text, ids in zip(texts[i * k:(i + 1) * k], new_tokens[i * k:(i + 1) * k]):
-            answer = prompt_format.answer_part(text)
-            letter = None if answer is None else common.parse_answer_letter(answer, question["options"])
-            status = "no_answer_within_budget" if answer is None else "answered" if letter else "unparsed"
-            samples.append({"text": text, "predicted": letter, "status": status,
-                            "tokens": generated_length(ids, tokenizer.eos_token_id),
-                            "finished": tokenizer.eos_token_id in ids})
-        outputs.append({"predicted": majority_vote(s["predicted"] for s in samples), "samples": samples})
-    return outputs
+    """The batch's generated answers, in its order (see answers())."""
+    return [answer for _, answer in sorted(answers(model, prompter, batch, "generate", args, streamer),
+                                           key=lambda pair: pair[0])]
 
 
 METHODS = {"score": score_options, "letter": score_letters}
@@ -391,26 +422,38 @@ def summarize(records, seconds):
     return summary
 
 
-def evaluate(model, prompter, questions, method, args):
-    """Run one method over the questions in batches; per-question records and their summary."""
+def evaluate(model, prompter, questions, method, args, journal=None, run=None):
+    """One method over the questions: per-question records in question order and their summary. With a journal
+    (journal.py) each record is written as it comes, and the questions it already holds for this run are not
+    asked again."""
     from tqdm import tqdm
 
-    records, start = [], time.time()
-    with tqdm(total=len(questions), desc=method, unit="q", disable=None) as bar:
-        for i in range(0, len(questions), args.batch_size):
-            batch = questions[i:i + args.batch_size]
-            if method == "generate":
-                answers = generate_answers(model, prompter, batch, args)
-            else:
-                answers = METHODS[method](model, prompter, batch)
-            for item, answer in zip(batch, answers):
-                records.append({"id": item["id"], "question": item["question"], "options": item["options"],
-                                "figure_path": item.get("figure_path"), "gold": item["answer_label"],
-                                "predicted": answer["predicted"],
-                                "correct": answer["predicted"] == item["answer_label"],
-                                "option_scores": answer.get("option_scores"), "samples": answer.get("samples")})
-            bar.update(len(batch))
-    return {**summarize(records, time.time() - start), "records": records}
+    done = journal.done(run) if journal else {}
+    todo = [q for q in questions if q["id"] not in done]
+    records = {question_id: record for question_id, (record, _) in done.items()}
+    seconds, unanswered, last = sum(spent for _, spent in done.values()), 0, time.time()
+    with tqdm(total=len(questions), initial=len(questions) - len(todo), desc=method, unit="q", disable=None) as bar:
+        for position, answer in answers(model, prompter, todo, method, args):
+            spent, last = time.time() - last, time.time()
+            seconds += spent
+            bar.update(1)
+            if answer is None:  # a server kept failing it: never scored, never an empty answer
+                unanswered += 1
+                continue
+            item = todo[position]
+            records[item["id"]] = {"id": item["id"], "question": item["question"], "options": item["options"],
+                                   "figure_path": item.get("figure_path"), "gold": item["answer_label"],
+                                   "predicted": answer["predicted"],
+                                   "correct": answer["predicted"] == item["answer_label"],
+                                   "option_scores": answer.get("option_scores"), "samples": answer.get("samples")}
+            if journal:
+                journal.write(run, records[item["id"]], spent)
+    if unanswered:
+        kept = f"; the {len(records)} answered are kept in {journal.path}" if journal else ""
+        raise common.Unfinished(f"{unanswered} of {len(questions)} questions got no answer{kept}: run the same "
+                                "command again to ask only for the others")
+    ordered = [records[q["id"]] for q in questions]
+    return {**summarize(ordered, seconds), "records": ordered}
 
 
 def paired_comparison(first, second, resamples=10_000, seed=0):
@@ -437,7 +480,7 @@ def agreement(results):
                 for b in predictions} for a in predictions}
 
 
-def evaluate_all(model, prompter, questions, args):
+def evaluate_all(model, prompter, questions, args, journal=None):
     """Every model (fine-tuned, base) x figure (real, blank) x method asked; the pairs that answer a question:
     what fine-tuning added, and what the figure adds."""
     methods = {"both": ["score", "generate"], "all": ["score", "letter", "generate"]}.get(args.method, [args.method])
@@ -451,7 +494,8 @@ def evaluate_all(model, prompter, questions, args):
             for figure, control in figures.items():
                 asked = prompter.replaced(image_control=control)
                 for method in methods:
-                    results[f"{name}/{figure}{method}"] = evaluate(model, asked, questions, method, args)
+                    run = f"{name}/{figure}{method}"
+                    results[run] = evaluate(model, asked, questions, method, args, journal, run)
                     if figure:
                         pairs.append((f"{name}/{method}", f"{name}/{figure}{method}"))
     if args.compare_base:
@@ -524,6 +568,8 @@ def answer_and_show(model, prompter, question, args):
     print("model: ", end="", flush=True)
     streamer = TextStreamer(prompter.tokenizer, skip_prompt=True, skip_special_tokens=True)
     [answer] = generate_answers(model, prompter, [question], args, streamer)
+    if answer is None:
+        raise common.Unfinished("the server left the question unanswered; ask again")
     gold = f" (gold {question['answer_label']})" if "answer_label" in question else ""
     print(f"-> parsed answer: {answer['predicted'] or answer['samples'][0]['status']}{gold}")
 
@@ -610,27 +656,33 @@ def generate_traces(model, prompter, questions, args):
     path = Path(args.output_file or "traces.jsonl")
     done = resume_traces(path, args.num_return_sequences)
     questions = [q for q in questions if q["id"] not in done]
-    solved, start = 0, time.time()
+    solved, written, unanswered, start = 0, 0, 0, time.time()
     print(f"{len(done)} questions already in {path}; generating for {len(questions)}")
     with open(path, "a", encoding="utf-8") as out, tqdm(total=len(questions), unit="q", disable=None) as bar:
-        for i in range(0, len(questions), args.batch_size):
-            batch = questions[i:i + args.batch_size]
-            for question, answer in zip(batch, generate_answers(model, prompter, batch, args)):
-                for index, sample in enumerate(answer["samples"]):
-                    reasoning, answer_text = prompter.format.split_reasoning(sample["text"])
-                    out.write(json.dumps({"id": question["id"], "sample": index, "reasoning": reasoning,
-                                          "answer": answer_text, "predicted": sample["predicted"],
-                                          "gold": question["answer_label"],
-                                          "correct": sample["predicted"] == question["answer_label"],
-                                          "tokens": sample["tokens"], "finished": sample["finished"]},
-                                         ensure_ascii=False) + "\n")
-                out.flush()
-                solved += any(s["predicted"] == question["answer_label"] for s in answer["samples"])
-            bar.update(len(batch))
-            bar.set_postfix(with_correct_trace=f"{solved / min(i + len(batch), len(questions)):.0%}")
+        for position, answer in answers(model, prompter, questions, "generate", args):
+            question = questions[position]
+            bar.update(1)
+            if answer is None:  # a server kept failing it: nothing written, so a rerun asks for it again
+                unanswered += 1
+                continue
+            for index, sample in enumerate(answer["samples"]):
+                reasoning, answer_text = prompter.format.split_reasoning(sample["text"])
+                out.write(json.dumps({"id": question["id"], "sample": index, "reasoning": reasoning,
+                                      "answer": answer_text, "predicted": sample["predicted"],
+                                      "gold": question["answer_label"],
+                                      "correct": sample["predicted"] == question["answer_label"],
+                                      "tokens": sample["tokens"], "finished": sample["finished"]},
+                                     ensure_ascii=False) + "\n")
+            out.flush()
+            solved += any(s["predicted"] == question["answer_label"] for s in answer["samples"])
+            written += 1
+            bar.set_postfix(with_correct_trace=f"{solved / written:.0%}")
     seconds = time.time() - start
-    print(f"{solved} of {len(questions)} new questions have a correct trace; "
+    print(f"{solved} of {written} new questions have a correct trace; "
           f"{len(questions) / seconds if seconds else 0:.2f} questions/s; wrote {path}")
+    if unanswered:
+        raise common.Unfinished(f"{unanswered} of {len(questions)} questions got no answer and are not in {path}: "
+                                "run the same command again to ask only for them")
     print(f"next: python preprocess_pmc_vqa_for_sft.py --reasoning_traces {path} ...")
 
 
@@ -645,15 +697,18 @@ def main(argv=None):
     model, prompter = load_model(args)
 
     if args.evaluate:
-        report = evaluate_all(model, prompter, questions, args)
-        print_report(report)
         beside = Path(args.model_name_or_path if args.no_adapter else args.adapter_path)
         output = Path(args.output_file or (beside if beside.is_dir() else Path(".")) / "evaluation_results.json")
+        records = journal.Journal(output.with_suffix(".partial.jsonl"), journal.fingerprint(args))  # resumable
+        report = evaluate_all(model, prompter, questions, args, records)
+        print_report(report)
         common.write_json_atomic(output, {"model_name_or_path": args.model_name_or_path,
                                           "adapter_path": None if args.no_adapter else args.adapter_path,
                                           "data_path": args.data_path, "split": args.split,
                                           "prompt_format": prompter.format.as_config(),
-                                          "reads_images": prompter.reads_images, **report})
+                                          "reads_images": prompter.reads_images,
+                                          **generation.engine(model).describe(), **report})
+        records.remove()
         print(f"wrote {output}")
     elif args.generate_traces:
         generate_traces(model, prompter, questions, args)

@@ -77,7 +77,7 @@ MUTATIONS = [
     Mutation("score-right-padding", INF, 'inputs = prompter.batch(features, side="left"',
              'inputs = prompter.batch(features, side="right"',
              ("tests/test_inference.py::test_scores_do_not_depend_on_the_batch",)),
-    Mutation("generate-right-padding", INF, 'for q in batch], side="left"', 'for q in batch], side="right"',
+    Mutation("generate-right-padding", "generation.py", 'for q in batch], side="left"', 'for q in batch], side="right"',
              ("tests/test_inference.py::test_batched_generation_equals_one_by_one_under_greedy",)),
     Mutation("score-without-eos", "model_kinds.py", '["input_ids"] + [self.tokenizer.eos_token_id]', '["input_ids"]',
              (R1,)),  # the scorer's continuation must be the ids training taught, eos included
@@ -144,7 +144,7 @@ MUTATIONS = [
              ("tests/test_bad_inputs.py", "-k", "preprocess and output_dir")),
     Mutation("train-output-checked-late", TRAIN, '    common.make_output_folder(args.output_dir, "--output_dir")',
              "    pass", ("tests/test_bad_inputs.py", "-k", "train and output_dir")),
-    Mutation("generated-tokens-without-eos", INF, "return ids.index(eos) + 1 if eos in ids",
+    Mutation("generated-tokens-without-eos", "generation.py", "return ids.index(eos) + 1 if eos in ids",
              "return ids.index(eos) if eos in ids",
              (CONTRACTS + "test_generated_length_counts_the_eos_and_not_the_padding",)),
     Mutation("resume-keeps-partial-questions", INF, "if count >= k}", "if count >= 1}",
@@ -224,6 +224,15 @@ MUTATIONS = [
              'tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")',
              'tmp = path.with_name(path.name + ".tmp")',
              ("tests/test_faults.py::test_two_writers_of_one_file_never_collide",)),
+    # Generation through a server (generation.py) and the evaluation journal (journal.py)
+    Mutation("server-prompt-keeps-bos", "generation.py", "text = text.removeprefix(tokenizer.bos_token)", "pass",
+             ("tests/test_server.py::test_greedy_through_the_server_equals_in_process_and_the_adapter_is_applied",)),
+    Mutation("server-prompt-count-unchecked", "generation.py", "if response.usage.prompt_tokens != expected:",
+             "if False:", ("tests/test_server.py::test_a_prompt_the_server_counts_differently_stops_the_run",)),
+    Mutation("server-budget-unsent", "generation.py", '"max_tokens": args.max_new_tokens,', "",
+             ("tests/test_server.py", "-k", "budget_below")),
+    Mutation("journal-ignores-arguments", "journal.py", "if entries and entries[0] != head:", "if False:",
+             ("tests/test_journal.py", "-k", "not slow and cut_line")),
 ]
 
 

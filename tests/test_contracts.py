@@ -10,6 +10,7 @@ import pytest
 from conftest import V1, v1_row
 
 import common
+import generation
 import inference_example as inference
 import preprocess_pmc_vqa_for_sft as preprocess
 import test_preprocessing
@@ -176,8 +177,8 @@ def test_a_row_with_an_empty_option_is_dropped():
 
 
 def test_generated_length_counts_the_eos_and_not_the_padding():
-    assert inference.generated_length([5, 6, 2, 0, 0], eos=2) == 3
-    assert inference.generated_length([5, 6, 7], eos=2) == 3  # the budget ran out: every token counts
+    assert generation.generated_length([5, 6, 2, 0, 0], eos=2) == 3
+    assert generation.generated_length([5, 6, 7], eos=2) == 3  # the budget ran out: every token counts
 
 
 def test_the_chance_baseline_follows_each_questions_option_count():
