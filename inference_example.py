@@ -40,6 +40,7 @@ from collections import Counter
 from pathlib import Path
 
 import common
+import data_parallel
 import generation
 import journal
 import model_kinds
@@ -148,6 +149,9 @@ def parse_args(argv=None):
         raise UsageError(f"--image {args.image} is not a file")
     if args.server:
         refuse_through_a_server(args)
+    if data_parallel.size() > 1 and (args.server or not args.evaluate):
+        raise UsageError("torchrun splits --evaluate's questions across processes (without --server, whose engine "
+                         "spreads its own work); run this as one process: python inference_example.py ...")
     if args.output_file and (args.evaluate or args.generate_traces):
         common.make_output_folder(Path(args.output_file).parent, "--output_file")
     return args
@@ -197,9 +201,12 @@ def load_model(args):
     refuse_before_loading(args, prompter)
     if args.server:  # no weights here: the server answers
         return generation.Server.connect(args, prompter), prompter
+    # under torchrun each process holds the whole model on its own device; alone, "auto" spreads it over the GPUs
+    device_map = {"": data_parallel.start()} if data_parallel.size() > 1 else \
+        "auto" if torch.cuda.is_available() else None
     model = model_kinds.load_model(args.model_name_or_path, prompter.reads_images,
                                    common.pick_dtype(args.precision), args.load_in_4bit, args.load_in_8bit,
-                                   "auto" if torch.cuda.is_available() else None,
+                                   device_map,
                                    common.attn_implementation(args.attn_implementation), args.trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
@@ -428,32 +435,41 @@ def evaluate(model, prompter, questions, method, args, journal=None, run=None):
     asked again."""
     from tqdm import tqdm
 
-    done = journal.done(run) if journal else {}
+    done = data_parallel.from_main(journal.done(run) if journal else {})  # the journal is the first process's
     todo = [q for q in questions if q["id"] not in done]
-    records = {question_id: record for question_id, (record, _) in done.items()}
-    seconds, unanswered, last = sum(spent for _, spent in done.values()), 0, time.time()
-    with tqdm(total=len(questions), initial=len(questions) - len(todo), desc=method, unit="q", disable=None) as bar:
-        for position, answer in answers(model, prompter, todo, method, args):
+    mine = data_parallel.shard(todo)  # all of them in a single process
+    records, new = {question_id: record for question_id, (record, _) in done.items()}, {}
+    seconds, unanswered, last = 0.0, 0, time.time()
+    with tqdm(total=len(mine), desc=method, unit="q", disable=None if data_parallel.is_main() else True) as bar:
+        for position, answer in answers(model, prompter, mine, method, args):
             spent, last = time.time() - last, time.time()
             seconds += spent
             bar.update(1)
             if answer is None:  # a server kept failing it: never scored, never an empty answer
                 unanswered += 1
                 continue
-            item = todo[position]
-            records[item["id"]] = {"id": item["id"], "question": item["question"], "options": item["options"],
-                                   "figure_path": item.get("figure_path"), "gold": item["answer_label"],
-                                   "predicted": answer["predicted"],
-                                   "correct": answer["predicted"] == item["answer_label"],
-                                   "option_scores": answer.get("option_scores"), "samples": answer.get("samples")}
+            item = mine[position]
+            new[item["id"]] = {"id": item["id"], "question": item["question"], "options": item["options"],
+                               "figure_path": item.get("figure_path"), "gold": item["answer_label"],
+                               "predicted": answer["predicted"], "correct": answer["predicted"] == item["answer_label"],
+                               "option_scores": answer.get("option_scores"), "samples": answer.get("samples")}
             if journal:
-                journal.write(run, records[item["id"]], spent)
+                journal.write(run, new[item["id"]], spent)
+    shares = data_parallel.gather((new, seconds))  # every process's records, so each holds the whole row
+    for process, (answered, _) in enumerate(shares):
+        records.update(answered)
+        if journal and process:
+            for record in answered.values():
+                journal.write(run, record, 0.0)  # the first process's own seconds already are the wall time
+    # wall time: the processes answered side by side
+    seconds = sum(spent for _, spent in done.values()) + max(spent for _, spent in shares)
     if unanswered:
         kept = f"; the {len(records)} answered are kept in {journal.path}" if journal else ""
         raise common.Unfinished(f"{unanswered} of {len(questions)} questions got no answer{kept}: run the same "
                                 "command again to ask only for the others")
     ordered = [records[q["id"]] for q in questions]
-    return {**summarize(ordered, seconds), "records": ordered}
+    return {**summarize(ordered, seconds), "answered_per_process": [len(answered) for answered, _ in shares],
+            "records": ordered}
 
 
 def paired_comparison(first, second, resamples=10_000, seed=0):
@@ -699,17 +715,21 @@ def main(argv=None):
     if args.evaluate:
         beside = Path(args.model_name_or_path if args.no_adapter else args.adapter_path)
         output = Path(args.output_file or (beside if beside.is_dir() else Path(".")) / "evaluation_results.json")
-        records = journal.Journal(output.with_suffix(".partial.jsonl"), journal.fingerprint(args))  # resumable
+        # resumable; under torchrun the first process keeps it (data_parallel.py)
+        records = journal.Journal(output.with_suffix(".partial.jsonl"), journal.fingerprint(args)) \
+            if data_parallel.is_main() else None
         report = evaluate_all(model, prompter, questions, args, records)
-        print_report(report)
-        common.write_json_atomic(output, {"model_name_or_path": args.model_name_or_path,
-                                          "adapter_path": None if args.no_adapter else args.adapter_path,
-                                          "data_path": args.data_path, "split": args.split,
-                                          "prompt_format": prompter.format.as_config(),
-                                          "reads_images": prompter.reads_images,
-                                          **generation.engine(model).describe(), **report})
-        records.remove()
-        print(f"wrote {output}")
+        if data_parallel.is_main():
+            print_report(report)
+            common.write_json_atomic(output, {"model_name_or_path": args.model_name_or_path,
+                                              "adapter_path": None if args.no_adapter else args.adapter_path,
+                                              "data_path": args.data_path, "split": args.split,
+                                              "prompt_format": prompter.format.as_config(),
+                                              "reads_images": prompter.reads_images, "processes": data_parallel.size(),
+                                              **generation.engine(model).describe(), **report})
+            records.remove()
+            print(f"wrote {output}")
+        data_parallel.finish()
     elif args.generate_traces:
         generate_traces(model, prompter, questions, args)
     elif args.interactive:

@@ -233,6 +233,12 @@ MUTATIONS = [
              ("tests/test_server.py", "-k", "budget_below")),
     Mutation("journal-ignores-arguments", "journal.py", "if entries and entries[0] != head:", "if False:",
              ("tests/test_journal.py", "-k", "not slow and cut_line")),
+    # Evaluation split across processes (data_parallel.py)
+    Mutation("every-process-answers-everything", "data_parallel.py", "return items[rank()::size()]", "return items",
+             ("tests/test_inference.py::test_torchrun_splits_the_evaluation_and_writes_the_single_process_report",),
+             slow=True),
+    Mutation("torchrun-any-mode", INF, "if data_parallel.size() > 1 and (args.server or not args.evaluate):",
+             "if False:", ("tests/test_inference.py::test_torchrun_splits_evaluate_only_and_never_a_server",)),
 ]
 
 

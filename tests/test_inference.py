@@ -1,10 +1,13 @@
 """Inference and evaluation: the parser, the interval, the paired statistics, the three methods (shared-prompt
 scoring == the naive reference, letters, generation with a thinking budget and votes), the report."""
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_in_process, run_script
+from conftest import ROOT, free_port, run_in_process, run_script
 
 import common
 import inference_example as inference
@@ -254,3 +257,40 @@ def test_single_question_interactive_and_demo_modes_answer(adapter, model_dir, s
     assert result.returncode == 0 and result.stdout.count("parsed answer:") == 1, result.stderr[-2000:]
     result = run_in_process(inference.main, *common_flags)  # no mode: three test questions, with their gold
     assert result.returncode == 0 and result.stdout.count("parsed answer:") == 3, result.stderr[-2000:]
+
+
+def test_torchrun_splits_evaluate_only_and_never_a_server(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flags in (["--question", "Q?"], ["--generate_traces"], ["--evaluate", "--method", "generate", "--server",
+                                                                  "http://127.0.0.1:9"]):
+        with pytest.raises(common.UsageError, match="run this as one process"):
+            inference.parse_args(flags)
+    assert inference.parse_args(["--evaluate"]).evaluate
+
+
+@pytest.mark.slow
+def test_torchrun_splits_the_evaluation_and_writes_the_single_process_report(adapter, model_dir, small_processed,
+                                                                            tmp_path):
+    flags = ["--evaluate", "--method", "both", "--compare_base", "--num_samples", 7, "--max_new_tokens", 16,
+             "--batch_size", 2, "--model_name_or_path", model_dir, "--adapter_path", adapter, "--data_path",
+             small_processed]
+    alone = run_in_process(inference.main, *flags, "--output_file", tmp_path / "alone.json")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), str(ROOT / "inference_example.py"), *map(str, flags), "--output_file",
+                             str(tmp_path / "split.json")], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # one report, from the first process
+    single, split = (json.loads((tmp_path / name).read_text()) for name in ("alone.json", "split.json"))
+    assert (single["processes"], split["processes"]) == (1, 2) and split["results"].keys() == single["results"].keys()
+    for row, expected in single["results"].items():
+        records = split["results"][row]["records"]
+        assert [r["id"] for r in records] == [r["id"] for r in expected["records"]]  # every question, in order
+        for got, want in zip(records, expected["records"]):  # 7 questions: the processes answered 4 and 3
+            assert (got["predicted"], got["samples"]) == (want["predicted"], want["samples"])
+            assert got["option_scores"] == (want["option_scores"] and pytest.approx(want["option_scores"], abs=1e-4))
+        assert split["results"][row]["accuracy"] == expected["accuracy"]
+        assert (expected["answered_per_process"], split["results"][row]["answered_per_process"]) == ([7], [4, 3])
+    assert split["paired"].keys() == single["paired"].keys()
+    assert not (tmp_path / "split.partial.jsonl").exists()
