@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import unittest.mock
@@ -23,6 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one worker per core:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import build_demo_assets  # noqa: E402
+from bench.local_server import free_port  # noqa: E402,F401  (the tests' one free-port helper)
 import preprocess_pmc_vqa_for_sft  # noqa: E402
 
 V1 = build_demo_assets.V1_COLUMNS
@@ -93,12 +93,6 @@ def launch_environment(config_file):
     args = launch_command_parser().parse_args(["--config_file", str(config_file), "train_sft_example.py"])
     args, _, _ = _validate_launch_command(args)
     return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,10 @@
 load an adapter folder), one server for the module. Through it, greedy evaluation equals in-process evaluation
 record for record; the adapter is really applied; the budget, the samples and the refusals hold; a server
 killed mid-run leaves only the missing questions to ask again."""
-import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
-import urllib.request
-from types import SimpleNamespace
 
 import pytest
 from conftest import free_port, prompter_for, run_in_process, run_script
@@ -17,10 +13,10 @@ from conftest import free_port, prompter_for, run_in_process, run_script
 import common
 import generation
 import inference_example as inference
+from bench.local_server import serving, stop
 
 # one xdist worker runs this file, so the server and the merged model are built once
 pytestmark = pytest.mark.xdist_group("server")
-STARTUP_S = 90
 
 
 @pytest.fixture(scope="module")
@@ -36,45 +32,9 @@ def merged(tmp_path_factory, adapter, model_dir):
     return out
 
 
-@contextlib.contextmanager
-def serving(model, port=None):
-    """`transformers serve` on 127.0.0.1; yields (url, process) once /health answers; always stopped."""
-    port = port or free_port()
-    env = {**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", str(model),
-                                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + STARTUP_S
-        while True:
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"transformers serve did not answer /health within {STARTUP_S} s"
-            time.sleep(0.2)
-        yield url, process
-    finally:
-        stop(process)
-
-
-def stop(process):
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(merged):
-    with serving(merged) as (url, _):
+    with serving(merged, free_port()) as (url, _):
         yield url
 
 
