@@ -110,6 +110,14 @@ MUTATIONS = [
     Mutation("fsdp-save-model-off", TRAIN, "if not self.is_fsdp_enabled:", "if True:",
              ("tests/test_distributed.py::test_fsdp2_on_two_cpu_processes_trains_like_ddp_saves_a_full_adapter_and_"
               "resumes[SHARDED_STATE_DICT]",), slow=True),
+    # The evaluation page (the browser tier kills the first two; it needs chromium)
+    Mutation("page-wrong-only-inverted", "templates/evaluation_report.html.j2", "return q.p[k] !== q.g;",
+             "return q.p[k] === q.g;", ("tests/test_report_page.py::test_filters_count_the_rows_they_show",)),
+    Mutation("page-escaping-off", "evaluation_page.py", "autoescape=True", "autoescape=False",
+             ("tests/test_report_page.py::test_data_is_text_never_markup",)),
+    Mutation("ece-bins-off-by-one", "evaluation_page.py", "table[min(int(confidence * bins), bins - 1)]",
+             "table[min(int(confidence * (bins - 1)), bins - 1)]",
+             ("tests/test_report_page.py::test_ece_matches_a_hand_computed_case",)),
 ]
 
 
