@@ -297,8 +297,7 @@ def write_page(report, path, embed_limit_bytes=EMBED_LIMIT_BYTES):
         runs=runs, text=report_text(report), results=results, methods=methods, cards=cards, index=index,
         figures=figures, calibration=calibration, accuracy_chart=accuracy_chart, paired_chart=paired_chart,
         curves={prefix: curves for prefix, run in runs.items() if (curves := training_curves(run))},
-        letters=LETTERS, has_base=any(c["disagree"] for c in cards) or any(
-            counterpart(name, results)[0] for name in results),
+        letters=LETTERS, has_base=any(counterpart(name, results)[0] for name in results),
         has_blank=any("blank_image/" in name for name in results),
         created=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
     common.write_text_atomic(path, html)

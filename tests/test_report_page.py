@@ -114,26 +114,34 @@ def test_figures_go_to_a_folder_beside_the_page_past_the_size_limit(tmp_path):
 
 
 # --- In a real browser ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    """One headless Chromium for the tier; skipped with one line where it is not installed, failed under CI."""
+def chromium_driver():
+    """A selenium driver on Debian's headless chromium that logs the console and the network (also used by
+    bench/bench_report_page.py), or None where chromium, chromium-driver or selenium is missing."""
     driver_path, chromium = shutil.which("chromedriver"), shutil.which("chromium")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        driver_path = None
+        return None
     if not (driver_path and chromium):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI must run the browser tier, and chromium or chromedriver is missing: {INSTALL}")
-        pytest.skip(f"{BROWSER_SKIP}: no chromium here; {INSTALL}")
+        return None
     os.environ.setdefault("SE_OFFLINE", "1")  # selenium must not look for a driver online
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the tier; skipped with one line where it is not installed, failed under CI."""
+    driver = chromium_driver()
+    if driver is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the browser tier; chromium, chromium-driver or selenium is missing: {INSTALL}")
+        pytest.skip(f"{BROWSER_SKIP}: no chromium here; {INSTALL}")
     yield driver
     driver.quit()
 
