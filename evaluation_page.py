@@ -243,13 +243,14 @@ def question_cards(report, runs):
                 card["figure_file"] = roots[prefix] / r["figure_path"]
             predicted = r["predicted"] or "unparsed"
             card["predicted"][m] = predicted
-            if base and by_id[base].get(r["id"], {}).get("predicted", predicted) != r["predicted"]:
-                card["disagree"].append(m)
-            if blank and by_id[blank].get(r["id"], {}).get("predicted", predicted) != r["predicted"]:
-                card["flip"].append(m)
+            for other, flags in ((base, card["disagree"]), (blank, card["flip"])):
+                if other and r["id"] in by_id[other] and by_id[other][r["id"]]["predicted"] != r["predicted"]:
+                    flags.append(m)
             samples = r.get("samples") or []
+            budget = samples and all(s["status"] == "no_answer_within_budget" for s in samples)
             card["answers"].append({
-                "method": name, "predicted": predicted, "correct": r["correct"],
+                "method": name, "predicted": "no answer" if budget and not r["predicted"] else predicted,
+                "correct": r["correct"],
                 "status": samples[0]["status"].replace("_", " ") if len(samples) == 1 and not r["predicted"] else "",
                 "probabilities": option_probabilities(r["option_scores"]) if r.get("option_scores") else None,
                 "samples": samples})
