@@ -52,6 +52,7 @@ demo: assets
 	@echo ""
 	@echo "Outputs: $(OUT)/processed/ (+ preprocessing_stats.json, examples.json), $(OUT)/sft/final_model/,"
 	@echo "  $(OUT)/sft/eval_results.json, $(OUT)/sft/loss_curve.png, $(OUT)/sft/final_model/evaluation_results.json"
+	@echo "Open in a browser: $(OUT)/sft/final_model/evaluation_report.html"
 	@echo "Next: $(PY) inference_example.py --interactive --model_name_or_path $(MODEL) --adapter_path $(OUT)/sft/final_model --data_path $(OUT)/processed"
 
 # The image-only synthetic set: a tiny VLM (fine-tuned, base, and with a blank figure) against the tiny text
@@ -71,7 +72,8 @@ demo-vlm: assets
 		--adapter_path $(OUT)/vlm-text-sft/final_model --data_path $(OUT)/vlm-text-processed
 	@echo ""
 	$(PY) inference_example.py --report vlm=$(OUT)/vlm-sft/final_model/evaluation_results.json \
-		text_only=$(OUT)/vlm-text-sft/final_model/evaluation_results.json
+		text_only=$(OUT)/vlm-text-sft/final_model/evaluation_results.json --html $(OUT)/vlm_report.html
+	@echo "Open in a browser: $(OUT)/vlm_report.html"
 
 # The same pipeline on the real pretrained model, with a recipe a 135M model learns in minutes on a CPU.
 demo-real: real-model

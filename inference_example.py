@@ -6,7 +6,8 @@
     python inference_example.py --evaluate --num_samples 500 --method both --compare_base
     python inference_example.py --evaluate --compare_base --image_control blank   # a VLM: how much the figure adds
     python inference_example.py --question "Which organ is shown?" --choices "A:Liver" "B:Spleen" --image fig.jpg
-    python inference_example.py --report vlm=a/evaluation_results.json text_only=b/evaluation_results.json
+    python inference_example.py --report vlm=a/evaluation_results.json text_only=b/evaluation_results.json \\
+        --html both.html                                          # one table and one page for two runs
     python inference_example.py --generate_traces --no_adapter --split train --num_return_sequences 4 \\
         --temperature 0.6 --max_new_tokens 1024 --output_file traces.jsonl   # reasoning to fine-tune on
     python inference_example.py --evaluate --method generate --server http://127.0.0.1:8000 --max_new_tokens 2048
@@ -25,9 +26,11 @@ A vision-language model (preprocessed for one) sees each question's figure in ev
 and the report pairs the two: what the model gets from the image.
 The report (accuracy with a 95% Wilson interval, failures, confusion, chance and majority-letter baselines,
 a collapse warning, questions/s, paired base-vs-fine-tuned statistics with --compare_base, and every
-question's record) goes to evaluation_results.json beside the adapter.
+question's record) goes to evaluation_results.json beside the adapter, and evaluation_report.html beside it
+shows it all in a browser, from disk: figures, reasoning, filters, confusion, calibration (evaluation_page.py).
 --server URL hands generation to a serving engine (vLLM, SGLang, `transformers serve`) that already serves the
-model: generation.py says how, QUICKSTART_GUIDE.md ("Evaluation at scale") how to start one.
+model: generation.py says how, QUICKSTART_GUIDE.md ("Evaluation at scale") how to start one. Under
+torchrun --nproc_per_node N, --evaluate splits the questions across N processes (data_parallel.py).
 """
 import argparse
 import contextlib
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import common
 import data_parallel
+import evaluation_page
 import generation
 import journal
 import model_kinds
@@ -79,6 +83,10 @@ def make_parser():
     mode.add_argument("--report", nargs="+", metavar="NAME=FILE",
                       help="print one table from evaluation_results.json files, each row named NAME/...; no model "
                            "is loaded (default: none)")
+    arg("--html", default=None, metavar="PATH",
+        help="the evaluation page (evaluation_page.py): with --evaluate, where to write it (default: "
+             "evaluation_report.html beside the results JSON); with --report, write one for the named runs "
+             "(default: none)")
     arg("--choices", nargs="+", default=None, metavar="X:TEXT",
         help='options for --question: "A:Liver" "B:Spleen" (default: none, a free-text answer)')
     arg("--image", default=None,
@@ -143,6 +151,8 @@ def parse_args(argv=None):
         raise UsageError("--choices goes with --question")
     if args.compare_base and args.no_adapter:
         raise UsageError("--compare_base compares the adapter with the base; drop --no_adapter")
+    if args.html and not (args.evaluate or args.report):
+        raise UsageError("--html goes with --evaluate or --report")
     if args.image_control != "none" and not args.evaluate:
         raise UsageError("--image_control goes with --evaluate")
     if args.image and not Path(args.image).is_file():
@@ -154,6 +164,8 @@ def parse_args(argv=None):
                          "spreads its own work); run this as one process: python inference_example.py ...")
     if args.output_file and (args.evaluate or args.generate_traces):
         common.make_output_folder(Path(args.output_file).parent, "--output_file")
+    if args.html:
+        common.make_output_folder(Path(args.html).parent, "--html")
     return args
 
 
@@ -527,12 +539,16 @@ def combined_report(named_files):
     """--report NAME=FILE ...: the results of several evaluation_results.json as one report, rows and pairs
     named NAME/...; the first row of each later file is also paired with the first file's first row when both
     answered the same questions (a VLM against a text-only model on the same held-out set)."""
-    report, firsts = {"results": {}, "paired": {}}, []
+    report, firsts = {"results": {}, "paired": {}, "runs": {}}, []
     for item in named_files:
         name, sep, path = item.partition("=")
         if not sep or not Path(path).is_file():
             raise UsageError(f"--report takes NAME=FILE with an evaluation_results.json, got {item!r}")
         loaded = json.loads(Path(path).read_text())
+        # where each run's figures and training curves are, for the page
+        report["runs"][name] = {"file": path, **{key: loaded.get(key) for key in
+                                                 ("model_name_or_path", "adapter_path", "data_path", "split",
+                                                  "reads_images")}}
         report["results"].update({f"{name}/{row}": r for row, r in loaded["results"].items()})
         report["paired"].update({" - ".join(f"{name}/{side}" for side in pair.split(" - ")): p
                                  for pair, p in loaded.get("paired", {}).items()})
@@ -545,30 +561,31 @@ def combined_report(named_files):
 
 
 def print_report(report):
-    results = report["results"]
-    width = max(map(len, results)) + 2
-    print(f"{'model/method':<{width}}{'n':>6}{'accuracy':>10}{'95% CI':>17}{'unparsed':>10}{'no answer':>10}"
-          f"{'majority':>10}{'q/s':>9}")
-    for name, r in results.items():
-        ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-        print(f"{name:<{width}}{r['n']:>6}{r['accuracy']:>10.3f}{ci:>17}{r['parse_failure_rate']:>10.3f}"
-              f"{r['no_answer_within_budget_rate']:>10.3f}{r['majority_letter_baseline']:>10.3f}"
-              f"{r['questions_per_second']:>9.1f}")
-    first = next(iter(results.values()))
-    print(f"chance baseline {first['chance_baseline']:.3f}; majority letter {first['majority_letter']} "
-          f"{first['majority_letter_baseline']:.3f}")
-    for name, r in results.items():
-        if r["collapse_warning"]:
-            print(f"WARNING {name}: {r['collapse_warning']}")
-        if "mean_sample_accuracy" in r and r["n"] and len(r["records"][0]["samples"]) > 1:
-            print(f"{name}: majority vote {r['accuracy']:.3f}, mean per sample {r['mean_sample_accuracy']:.3f}")
-    for pair, p in report.get("paired", {}).items():
-        print(f"{pair}: {p['accuracy_difference']:+.3f} [{p['bootstrap_ci95'][0]:+.3f}, "
-              f"{p['bootstrap_ci95'][1]:+.3f}] paired bootstrap 95%; McNemar exact p = {p['mcnemar_exact_p']:.3g} "
-              f"({p['only_first_correct']} vs {p['only_second_correct']} discordant)")
-    if any(r.get("mean_generated_tokens") for r in results.values()):
-        print("note: score and letter rank the options without letting the model think; for a reasoning model "
-              "used zero-shot, generate with a thinking budget is the fair number")
+    """The summary as evaluation_page.report_text formats it (the page shows the same cells), in columns."""
+    text = evaluation_page.report_text(report)
+    widths = [max(map(len, report["results"])) + 2, *(width for _, width in evaluation_page.SUMMARY_COLUMNS)]
+    for row in [text["header"], *text["rows"]]:
+        print(row[0].ljust(widths[0]) + "".join(cell.rjust(width) for cell, width in zip(row[1:], widths[1:])))
+    for _, line in text["lines"]:
+        print(line)
+
+
+def evaluation_output(args):
+    """Where --evaluate writes its report: --output_file, else beside the adapter (or a local --no_adapter model)."""
+    beside = Path(args.model_name_or_path if args.no_adapter else args.adapter_path)
+    return Path(args.output_file or (beside if beside.is_dir() else Path(".")) / "evaluation_results.json")
+
+
+def save_evaluation(report, model, prompter, args, output):
+    """evaluation_results.json and evaluation_report.html beside it (or at --html)."""
+    report = {"model_name_or_path": args.model_name_or_path,
+              "adapter_path": None if args.no_adapter else args.adapter_path, "data_path": args.data_path,
+              "split": args.split, "prompt_format": prompter.format.as_config(),
+              "reads_images": prompter.reads_images, "processes": data_parallel.size(),
+              **generation.engine(model).describe(), **report}
+    common.write_json_atomic(output, report)
+    print(f"wrote {output}")
+    print(f"wrote {evaluation_page.write_page(report, args.html or output.with_name('evaluation_report.html'))}")
 
 
 # --- Modes ------------------------------------------------------------------------------------------------
@@ -705,7 +722,10 @@ def generate_traces(model, prompter, questions, args):
 def main(argv=None):
     args = parse_args(argv)
     if args.report:
-        print_report(combined_report(args.report))
+        report = combined_report(args.report)
+        print_report(report)
+        if args.html:
+            print(f"wrote {evaluation_page.write_page(report, args.html)}")
         return
     options = parse_choices(args.choices) if args.question and args.choices else None
     # read before the model: a wrong --data_path or --split fails in a second, not after an 8B's load
@@ -713,22 +733,15 @@ def main(argv=None):
     model, prompter = load_model(args)
 
     if args.evaluate:
-        beside = Path(args.model_name_or_path if args.no_adapter else args.adapter_path)
-        output = Path(args.output_file or (beside if beside.is_dir() else Path(".")) / "evaluation_results.json")
+        output = evaluation_output(args)
         # resumable; under torchrun the first process keeps it (data_parallel.py)
         records = journal.Journal(output.with_suffix(".partial.jsonl"), journal.fingerprint(args)) \
             if data_parallel.is_main() else None
         report = evaluate_all(model, prompter, questions, args, records)
         if data_parallel.is_main():
             print_report(report)
-            common.write_json_atomic(output, {"model_name_or_path": args.model_name_or_path,
-                                              "adapter_path": None if args.no_adapter else args.adapter_path,
-                                              "data_path": args.data_path, "split": args.split,
-                                              "prompt_format": prompter.format.as_config(),
-                                              "reads_images": prompter.reads_images, "processes": data_parallel.size(),
-                                              **generation.engine(model).describe(), **report})
+            save_evaluation(report, model, prompter, args, output)
             records.remove()
-            print(f"wrote {output}")
         data_parallel.finish()
     elif args.generate_traces:
         generate_traces(model, prompter, questions, args)

@@ -239,6 +239,14 @@ MUTATIONS = [
              slow=True),
     Mutation("torchrun-any-mode", INF, "if data_parallel.size() > 1 and (args.server or not args.evaluate):",
              "if False:", ("tests/test_inference.py::test_torchrun_splits_evaluate_only_and_never_a_server",)),
+    # The evaluation page (the browser tier kills the first two; it needs chromium)
+    Mutation("page-wrong-only-inverted", "templates/evaluation_report.html.j2", "return q.p[k] !== q.g;",
+             "return q.p[k] === q.g;", ("tests/test_report_page.py::test_filters_count_the_rows_they_show",)),
+    Mutation("page-escaping-off", "evaluation_page.py", "autoescape=True", "autoescape=False",
+             ("tests/test_report_page.py::test_data_is_text_never_markup",)),
+    Mutation("ece-bins-off-by-one", "evaluation_page.py", "table[min(int(confidence * bins), bins - 1)]",
+             "table[min(int(confidence * (bins - 1)), bins - 1)]",
+             ("tests/test_report_page.py::test_ece_matches_a_hand_computed_case",)),
 ]
 
 

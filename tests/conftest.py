@@ -28,6 +28,14 @@ import preprocess_pmc_vqa_for_sft  # noqa: E402
 V1 = build_demo_assets.V1_COLUMNS
 
 
+def pytest_terminal_summary(terminalreporter):
+    """One line when the browser tier skipped (no chromium here), so a green run does not hide that it did not run."""
+    for report in terminalreporter.stats.get("skipped", []):
+        if "browser tier did not run" in str(report.longrepr):
+            terminalreporter.write_line(str(report.longrepr[-1]).removeprefix("Skipped: "), yellow=True)
+            return
+
+
 def run_script(script, *args, timeout=600, **kwargs):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}

@@ -243,6 +243,9 @@ def test_evaluate_writes_the_documented_report(adapter, model_dir, small_process
         sum(a == b for a, b in zip(tuned["score"], tuned["generate"])) / 8)
     assert report["prompt_format"] == {"include_choices": True, "add_reasoning": False, "thinks": True}
     assert "fine_tuned/letter" in result.stdout and "McNemar" in result.stdout  # the printed table
+    page = output.with_name("evaluation_report.html")  # the page, beside the JSON, with every row
+    assert f"wrote {page}" in result.stdout
+    assert all(f'<tr data-result="{name}">' in page.read_text() for name in report["results"])
 
 
 def test_single_question_interactive_and_demo_modes_answer(adapter, model_dir, small_processed):
