@@ -43,7 +43,7 @@ def assert_ranks_split_the_data(ranks):
     assert len(seen[0] | seen[1]) == 16                   # ... and together on every row
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist may interleave other files' tests, which would rebuild it
 def ddp(tmp_path_factory, small_processed, model_dir):
     """(the 2-process DDP run's rank reports, its output folder): the reference for FSDP."""
     base = tmp_path_factory.mktemp("ddp")

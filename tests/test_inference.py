@@ -127,7 +127,7 @@ def test_paired_comparison_matches_a_hand_computed_case():
 
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist may interleave other files' tests, which would rebuild it
 def loaded(adapter, model_dir, small_processed):
     args = inference.parse_args(["--model_name_or_path", str(model_dir), "--adapter_path", str(adapter),
                                  "--data_path", str(small_processed), "--max_new_tokens", "24"])
@@ -284,7 +284,7 @@ def test_torchrun_splits_the_evaluation_and_writes_the_single_process_report(ada
                              str(tmp_path / "split.json")], capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert result.stdout.count("wrote ") == 1  # one report, from the first process
+    assert result.stdout.count(f"wrote {tmp_path / 'split.json'}") == 1  # one report, from the first process
     single, split = (json.loads((tmp_path / name).read_text()) for name in ("alone.json", "split.json"))
     assert (single["processes"], split["processes"]) == (1, 2) and split["results"].keys() == single["results"].keys()
     for row, expected in single["results"].items():
