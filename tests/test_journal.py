@@ -15,6 +15,9 @@ from conftest import ROOT, run_script
 import inference_example as inference
 import journal
 
+# on the worker that runs tests/test_inference.py, whose trained adapter (conftest) the kill test evaluates
+pytestmark = pytest.mark.xdist_group("inference")
+
 
 def record(question_id):
     return {"id": question_id, "predicted": "A", "gold": "A", "correct": True}

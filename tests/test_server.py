@@ -15,8 +15,8 @@ import generation
 import inference_example as inference
 from bench.local_server import serving, stop
 
-# one xdist worker runs this file, so the server and the merged model are built once
-pytestmark = pytest.mark.xdist_group("server")
+# on the worker that runs tests/test_inference.py: its trained adapter (conftest) is merged here, not trained again
+pytestmark = pytest.mark.xdist_group("inference")
 
 
 @pytest.fixture(scope="module")
