@@ -6,10 +6,14 @@ row in question order and the report is the one a single process writes: same re
 (tested record by record on 2 CPU processes). Only the first process prints and writes the report and the
 journal; the journal's records reach the others from it, so a rerun after a kill asks only for what is missing.
 torch.distributed is the engine: torchrun starts the processes and says who is who (RANK, WORLD_SIZE,
-LOCAL_RANK). Without torchrun every function here is the single-process identity. Generation through a
---server is not split here: the server already spreads it over its own GPUs.
+LOCAL_RANK). Until start() has joined the group (without torchrun, and inside training, whose ranks must each
+score all of its validation questions in step: FSDP's forward passes are collectives) shard, gather and
+from_main are the single-process identity. Generation through a --server is not split here: the server
+already spreads it over its own GPUs.
 """
 import os
+
+_joined = False  # start() ran under torchrun: this evaluation is split across the processes
 
 
 def size():
@@ -30,22 +34,24 @@ def start():
     import torch
     import torch.distributed as dist
 
+    global _joined
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     if size() > 1 and not dist.is_initialized():
         if device != "cpu":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device != "cpu" else "gloo")
+    _joined = size() > 1
     return device
 
 
 def shard(items):
     """This process's share: every size()-th item, from its rank on."""
-    return items[rank()::size()]
+    return items[rank()::size()] if _joined else items
 
 
 def gather(value):
     """Every process's value, in rank order ([value] alone without torchrun)."""
-    if size() == 1:
+    if not _joined:
         return [value]
     import torch.distributed as dist
 
@@ -56,7 +62,7 @@ def gather(value):
 
 def from_main(value):
     """The first process's value, on every process."""
-    if size() == 1:
+    if not _joined:
         return value
     import torch.distributed as dist
 

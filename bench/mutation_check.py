@@ -44,6 +44,7 @@ class Mutation:
 TRAIN, PRE, INF = "train_sft_example.py", "preprocess_pmc_vqa_for_sft.py", "inference_example.py"
 CONTRACTS, R1 = "tests/test_contracts.py::", "tests/test_format.py::test_demo_r1_tokenizer"
 MAX_LENGTH = "tests/test_preprocess.py::test_max_length_keeps_a_row_of_exactly_that_length_and_drops_one_token_more"
+SHARD = "return items[rank()::size()] if _joined else items"
 PRECISION = CONTRACTS + "test_auto_precision_is_fp32_on_a_cpu_and_4_bit_is_qlora_nf4"
 MUTATIONS = [
     # Splits, resume and the format
@@ -234,9 +235,11 @@ MUTATIONS = [
     Mutation("journal-ignores-arguments", "journal.py", "if entries and entries[0] != head:", "if False:",
              ("tests/test_journal.py", "-k", "not slow and cut_line")),
     # Evaluation split across processes (data_parallel.py)
-    Mutation("every-process-answers-everything", "data_parallel.py", "return items[rank()::size()]", "return items",
+    Mutation("every-process-answers-everything", "data_parallel.py", SHARD, "return items",
              ("tests/test_inference.py::test_torchrun_splits_the_evaluation_and_writes_the_single_process_report",),
              slow=True),
+    Mutation("training-ranks-split-validation", "data_parallel.py", SHARD, "return items[rank()::size()]",
+             ("tests/test_inference.py::test_training_ranks_each_score_every_validation_question",)),
     Mutation("torchrun-any-mode", INF, "if data_parallel.size() > 1 and (args.server or not args.evaluate):",
              "if False:", ("tests/test_inference.py::test_torchrun_splits_evaluate_only_and_never_a_server",)),
     # The evaluation page (the browser tier kills the first two; it needs chromium)

@@ -271,6 +271,17 @@ def test_torchrun_splits_evaluate_only_and_never_a_server(monkeypatch):
     assert inference.parse_args(["--evaluate"]).evaluate
 
 
+def test_training_ranks_each_score_every_validation_question(monkeypatch):
+    """Under torchrun training (no data_parallel.start), evaluate() must not split the accuracy questions: every
+    rank scores all of them in step, or FSDP's collective forward passes would hang on uneven shares."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setitem(inference.METHODS, "score", lambda model, prompter, batch: [{"predicted": "A"} for _ in batch])
+    questions = [{"id": i, "question": "Q?", "options": OPTIONS, "answer_label": "A"} for i in range(7)]
+    result = inference.evaluate(None, None, questions, "score", SimpleNamespace(batch_size=4))
+    assert result["n"] == 7 and result["answered_per_process"] == [7]
+
+
 @pytest.mark.slow
 def test_torchrun_splits_the_evaluation_and_writes_the_single_process_report(adapter, model_dir, small_processed,
                                                                             tmp_path):
